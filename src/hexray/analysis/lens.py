@@ -1,0 +1,88 @@
+"""The logit lens: read each layer's residual stream through the final norm and unembedding."""
+
+from __future__ import annotations
+
+import torch
+
+from hexray.analysis.attribution import token_score
+from hexray.analysis.results import LensRow, LogitLens, ResidualTrace, TokenScore
+from hexray.models.loading import LoadedModel, ModelSpec
+from hexray.tracing import sites
+from hexray.tracing.engine import Trace, resolve_position
+
+
+def lens_hooks(spec: ModelSpec) -> set[str]:
+    return set(sites.residual_stream(spec))
+
+
+def row_labels(spec: ModelSpec) -> tuple[str, ...]:
+    """Residual-stream rows: after the embeddings, then after each block."""
+    return ("embed", *(f"L{layer}" for layer in range(spec.n_layers)))
+
+
+def stacked_residual(model: LoadedModel, trace: Trace) -> torch.Tensor:
+    """The residual stream at every depth: [n_layers + 1, pos, d_model]."""
+    return torch.stack([trace.acts[name] for name in sites.residual_stream(model.spec)])
+
+
+def lens_logits(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
+    """Logits the model would output from ``resid`` [..., d_model] -> [..., d_vocab].
+
+    Uses the model's own final-norm module, so every norm variant is applied as the model does.
+    """
+    with torch.inference_mode():
+        normed = model.bridge.ln_final.original_component(resid)
+        return normed @ model.W_U + model.b_U
+
+
+def logit_lens(model: LoadedModel, trace: Trace, *, position: int = -1, target: int | None = None, k: int = 5) -> LogitLens:
+    """Per layer, the top-``k`` tokens at ``position`` and the rank and probability of ``target``.
+
+    ``target`` defaults to the model's final prediction at ``position``.
+    """
+    pos = resolve_position(position, trace.n_tokens)
+    target_id = int(trace.logits[pos].argmax()) if target is None else int(target)
+    resid = stacked_residual(model, trace)[:, pos]  # [rows, d_model]
+    logits = lens_logits(model, resid)  # [rows, d_vocab]
+    probs = torch.softmax(logits.double(), dim=-1)
+    top_p, top_i = probs.topk(k, dim=-1)
+    ranks = (logits > logits[:, target_id : target_id + 1]).sum(-1)  # tokens strictly above target
+    rows = []
+    for r, label in enumerate(row_labels(model.spec)):
+        top = tuple(
+            TokenScore(model.token_str(i), int(i), float(logits[r, i]), float(p))
+            for p, i in zip(top_p[r].tolist(), top_i[r].tolist())
+        )
+        rows.append(LensRow(label, top, int(ranks[r]), float(probs[r, target_id])))
+    return LogitLens(position=pos, target=token_score(model, trace.logits[pos], target_id), rows=tuple(rows))
+
+
+def residual_hooks(spec: ModelSpec) -> set[str]:
+    hooks = lens_hooks(spec)
+    for layer in range(spec.n_layers):
+        hooks |= {sites.attn_out(layer), sites.mlp_out(layer)}
+    return hooks
+
+
+def residual_trace(model: LoadedModel, trace: Trace) -> ResidualTrace:
+    """Residual norms, per-block write norms and logit-lens top tokens at every layer and position."""
+    spec = model.spec
+    resid = stacked_residual(model, trace)  # [rows, pos, d_model]
+    attn = torch.stack([trace.acts[sites.attn_out(layer)] for layer in range(spec.n_layers)])
+    mlp = torch.stack([trace.acts[sites.mlp_out(layer)] for layer in range(spec.n_layers)])
+    top_tokens, top_probs = [], []
+    for row in resid:  # one row at a time keeps memory at [pos, d_vocab]
+        probs = torch.softmax(lens_logits(model, row).double(), dim=-1)
+        p, i = probs.max(dim=-1)
+        top_tokens.append(tuple(model.token_strs(i.tolist())))
+        top_probs.append(p.float())
+    return ResidualTrace(
+        model=trace.model_name,
+        tokens=trace.tokens,
+        row_labels=row_labels(spec),
+        resid_norm=resid.norm(dim=-1).numpy(),
+        attn_delta_norm=attn.norm(dim=-1).numpy(),
+        mlp_delta_norm=mlp.norm(dim=-1).numpy(),
+        lens_top_tokens=tuple(top_tokens),
+        lens_top_probs=torch.stack(top_probs).numpy(),
+    )

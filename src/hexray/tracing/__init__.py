@@ -1,0 +1,1 @@
+"""The tracing engine and the site vocabulary (component labels <-> TransformerLens hook names)."""
