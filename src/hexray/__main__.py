@@ -1,0 +1,5 @@
+import sys
+
+from hexray.cli import main
+
+sys.exit(main())

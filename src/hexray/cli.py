@@ -1,0 +1,162 @@
+"""The ``hexray`` command line: a thin shell over :mod:`hexray.analysis` and :mod:`hexray.render`.
+
+``hexray --prompt ...`` (the reference tool's form) is ``hexray trace --prompt ...``.
+User mistakes surface as :class:`~hexray.errors.HexRayError`: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from hexray.errors import HexRayError
+from hexray.models.loading import load_model
+
+app = typer.Typer(
+    name="hexray",
+    help="A debugger for transformer language models: see how a prediction forms, layer by layer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="HEXRAY_MODEL", help="Model: HF id, local folder, .gguf file, or an alias like gpt2-small. Default: the embedded SmolLM2-135M-Instruct.")]
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The text to run through the model.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else.")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
+BosOpt = Annotated[Optional[bool], typer.Option("--prepend-bos/--no-prepend-bos", help="Force a BOS token on or off (default: the model's own tokenizer behaviour).")]
+
+FIGURE_DEFAULT_REPORT = Path("hexray-report")
+
+
+@app.callback()
+def _root() -> None:
+    """A debugger for transformer language models: see how a prediction forms, layer by layer."""
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+@contextmanager
+def _status(message: str, quiet: bool):
+    """A spinner on stderr for slow steps (silent when stderr is not a terminal)."""
+    console = _stderr()
+    if quiet or not console.is_terminal:
+        yield lambda _msg: None
+        return
+    with console.status(message) as status:
+        yield lambda msg: status.update(msg)
+
+
+def _load(model: str | None, quiet: bool):
+    with _status("Loading model...", quiet) as update:
+        return load_model(model, progress=update)
+
+
+@app.command("trace")
+def trace_command(
+    prompt: PromptOpt,
+    model: ModelOpt = None,
+    target: Annotated[Optional[str], typer.Option(help="Explain this token's logit (one token, e.g. ' Mary'). Default: the prediction.")] = None,
+    contrast: Annotated[Optional[str], typer.Option(help="Explain logit(target) - logit(contrast), e.g. ' John'.")] = None,
+    token_index: Annotated[int, typer.Option("--token-index", help="Position whose next-token prediction to explain; negative counts from the end.")] = -1,
+    granularity: Annotated[str, typer.Option(help="layer | head | neuron.")] = "layer",
+    top_k_attribution: Annotated[Optional[int], typer.Option("--top-k-attribution", "-k", help="Show the top K components (default 10).")] = None,
+    logit_lens: Annotated[bool, typer.Option("--logit-lens", help="Top tokens and the target's rank after every layer.")] = False,
+    lens_k: Annotated[int, typer.Option("--lens-k", help="Tokens per layer in the logit lens.")] = 5,
+    residual: Annotated[bool, typer.Option("--residual", help="Residual-stream trace (shown by default when no other analysis is asked for).")] = False,
+    logit_debug: Annotated[bool, typer.Option("--logit-debug", help="Per-head attribution heatmap and per-layer bars (PNG in --report).")] = False,
+    cot_debug: Annotated[bool, typer.Option("--cot-debug", help="Split the prompt into reasoning steps; attribute each step's last token in full context.")] = False,
+    weight_heatmap: Annotated[Optional[list[str]], typer.Option("--weight-heatmap", help="Weight to plot, e.g. attn.L10.W_Q or mlp.L6.W_in (repeatable).")] = None,
+    arithmetic_graph: Annotated[bool, typer.Option("--arithmetic-graph", help="Graph of how the model computed an arithmetic answer (PNG/SVG in --report).")] = False,
+    save_activations: Annotated[Optional[Path], typer.Option("--save-activations", help="Write activations (safetensors + manifest.json) to this folder.")] = None,
+    save_hooks: Annotated[Optional[str], typer.Option("--save-hooks", help="Comma-separated hook-name globs to save (default: residual stream per layer).")] = None,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    prepend_bos: BosOpt = None,
+) -> None:
+    """Trace a prompt: residual stream, direct logit attribution, logit lens, and more."""
+    from hexray.analysis.report import AnalysisOptions, analyze
+    from hexray.render.files import check_writable, write_report
+    from hexray.render.jsondoc import report_document
+    from hexray.tracing.activations import save_activations as save_acts
+    from hexray.tracing.activations import select_hooks
+
+    asked = top_k_attribution is not None or logit_lens or logit_debug or cot_debug or weight_heatmap or arithmetic_graph or save_activations
+    if report is None and (logit_debug or weight_heatmap or arithmetic_graph):
+        report = FIGURE_DEFAULT_REPORT
+    options = AnalysisOptions(
+        target=target, contrast=contrast, token_index=token_index, granularity=granularity,  # type: ignore[arg-type]
+        top_k=10 if top_k_attribution is None else top_k_attribution, logit_lens=logit_lens, lens_k=lens_k,
+        residual=residual or not asked, logit_debug=logit_debug, cot=cot_debug,
+        weight_specs=tuple(weight_heatmap or ()), arithmetic=arithmetic_graph, prepend_bos=prepend_bos,
+    )
+    options.validate()
+    for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
+        if folder is not None:
+            check_writable(folder, flag)
+    loaded = _load(model, json_out)
+    hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
+    with _status("Tracing...", json_out):
+        result = analyze(loaded, prompt, AnalysisOptions(**{**options.__dict__, "save_hooks": hooks}))
+        document = report_document(result)
+    written = write_report(report, result, document) if report is not None else []
+    if save_activations is not None:
+        save_acts(result.trace, save_activations, list(hooks))
+    if json_out:
+        if save_activations is not None:
+            document["activations"] = {"folder": str(save_activations), "hooks": list(hooks)}
+        if written:
+            document["report_files"] = [str(p) for p in written]
+        sys.stdout.write(json.dumps(document, allow_nan=False) + "\n")
+        return
+    from hexray.render.console import render_report
+
+    console = Console()
+    render_report(result, console)
+    if written:
+        console.print(f"[green]Report written to {report}/[/] ({', '.join(p.name for p in written)})")
+    if save_activations is not None:
+        console.print(f"[green]Saved {len(hooks)} hook points to {save_activations}/[/] (read back with hexray.load_activations)")
+
+
+_PASSTHROUGH = {"--help", "-h", "--version"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (and exits with it when run as a script)."""
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    if args and args[0].startswith("-") and args[0] not in _PASSTHROUGH:
+        args.insert(0, "trace")  # the reference tool's `hexray --prompt ...`
+    if args[:1] == ["--version"]:
+        from importlib.metadata import version
+
+        print(f"hexray {version('hexray')}")
+        return 0
+    try:
+        app(args, prog_name="hexray", standalone_mode=False)
+    except HexRayError as exc:
+        _stderr().print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors: bad option, missing --prompt...
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        return getattr(exc, "exit_code", 2) or 2
+    except (typer.Abort, KeyboardInterrupt):
+        _stderr().print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

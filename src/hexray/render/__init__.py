@@ -1,0 +1,1 @@
+"""Renderers: results in, text/JSON/PNG/HTML out. Nothing here computes an analysis."""

@@ -1,0 +1,80 @@
+"""Writing ``--report DIR``: PNGs (and the arithmetic SVG), ``hexray.json`` and ``index.html``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hexray.analysis.report import Report
+from hexray.errors import HexRayError
+from hexray.render import plots
+from hexray.render.html import report_html
+
+
+def check_writable(folder: str | Path, flag: str = "--report") -> Path:
+    """Fail early (before any model work) if ``folder`` cannot be created and written.
+
+    Probes by creating the folder and a file in it, then removes whatever the probe created.
+    """
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise HexRayError(f"{flag} {folder} exists and is not a folder")
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise HexRayError(f"{flag} folder {folder} is not writable: {exc.strerror}", hint="choose a folder you can write to") from exc
+    finally:
+        for created in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
+    return path
+
+
+def figures(report: Report) -> dict[str, bytes]:
+    """Every figure the report's analyses call for, by file name."""
+    spec, a = report.spec, report.attribution
+    out = {"layer_attribution.png": plots.layer_bars(a, spec)}
+    heads = report.head_attribution or (a if a.granularity != "layer" else None)
+    if heads is not None:
+        out["head_attribution.png"] = plots.head_heatmap(heads, spec)
+    if report.logit_lens is not None:
+        out["logit_lens.png"] = plots.lens_heatmap(report.logit_lens)
+    if report.residual is not None:
+        out["residual_stream.png"] = plots.residual_chart(report.residual, a.position)
+    if report.steps is not None:
+        out["cot_steps.png"] = plots.steps_chart(report.steps, report.options.top_k)
+    for view in report.weights:
+        out[f"weights_{view.spec.replace('.', '_')}.png"] = plots.weight_heatmap(view)
+    if report.arithmetic is not None:
+        out["arithmetic_graph.png"] = plots.arithmetic_chart(report.arithmetic, "png")
+        out["arithmetic_graph.svg"] = plots.arithmetic_chart(report.arithmetic, "svg")
+    return out
+
+
+def write_report(folder: str | Path, report: Report, document: dict) -> list[Path]:
+    """Render everything, then move it into ``folder``: a failure leaves no half-written report."""
+    folder = check_writable(folder)
+    files = figures(report)
+    files["hexray.json"] = json.dumps(document, indent=2, allow_nan=False).encode()
+    files["index.html"] = report_html(report, {k: v for k, v in files.items() if k.endswith(".png")}).encode()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".hexray-partial-", dir=folder))
+    except OSError as exc:
+        raise HexRayError(f"cannot write --report folder {folder}: {exc.strerror}") from exc
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        written = []
+        for name in files:
+            os.replace(staging / name, folder / name)
+            written.append(folder / name)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

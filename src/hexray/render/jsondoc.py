@@ -1,0 +1,134 @@
+"""The one JSON schema for ``--json``, the report's ``hexray.json`` and the server's answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hexray.analysis.report import Report
+from hexray.analysis.results import ArithmeticGraph, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
+
+
+def token_doc(t: TokenScore | None) -> dict | None:
+    return None if t is None else {"token": t.token, "id": t.id, "logit": _num(t.logit), "prob": _num(t.prob)}
+
+
+def component_doc(c: ComponentScore) -> dict:
+    comp = c.component
+    return {"name": comp.name, "kind": comp.kind, "layer": comp.layer, "head": comp.head, "neuron": comp.neuron, "score": _num(c.score)}
+
+
+def attribution_doc(a: Attribution, *, top_k: int | None = None) -> dict:
+    components = a.components if top_k is None else a.components[:top_k]
+    return {
+        "model": a.model,
+        "prompt": a.prompt,
+        "tokens": list(a.tokens),
+        "token_ids": list(a.token_ids),
+        "position": a.position,
+        "target": token_doc(a.target),
+        "contrast": token_doc(a.contrast),
+        "value": _num(a.value),
+        "granularity": a.granularity,
+        "reconstruction_error": _num(a.reconstruction_error),
+        "components": [component_doc(c) for c in components],
+    }
+
+
+def lens_doc(lens: LogitLens) -> dict:
+    return {
+        "position": lens.position,
+        "target": token_doc(lens.target),
+        "layers": [
+            {"layer": r.label, "target_rank": r.target_rank, "target_prob": _num(r.target_prob), "top": [token_doc(t) for t in r.top]}
+            for r in lens.rows
+        ],
+    }
+
+
+def residual_doc(r: ResidualTrace) -> dict:
+    return {
+        "rows": list(r.row_labels),
+        "resid_norm": _arr(r.resid_norm),
+        "attn_delta_norm": _arr(r.attn_delta_norm),
+        "mlp_delta_norm": _arr(r.mlp_delta_norm),
+        "lens_top_tokens": [list(row) for row in r.lens_top_tokens],
+        "lens_top_probs": _arr(r.lens_top_probs),
+    }
+
+
+def steps_doc(s: StepAttribution, top_k: int) -> dict:
+    return {
+        "rule": s.rule,
+        "steps": [
+            {
+                "index": st.index,
+                "text": st.text,
+                "token_span": list(st.token_span),
+                "position": st.attribution.position,
+                "target": token_doc(st.attribution.target),
+                "value": _num(st.attribution.value),
+                "components": [component_doc(c) for c in st.attribution.top(top_k)],
+            }
+            for st in s.steps
+        ],
+    }
+
+
+def weight_doc(w: WeightView) -> dict:
+    return {
+        "spec": w.spec, "layer": w.layer, "weight": w.weight, "per_head": w.per_head,
+        "shape": list(w.matrices.shape), "axes": ["head", w.row_axis, w.col_axis], "norms": _arr(w.norms),
+    }
+
+
+def arithmetic_doc(g: ArithmeticGraph) -> dict:
+    return {
+        "position": g.position,
+        "answer": token_doc(g.answer),
+        "operand_positions": list(g.operand_positions),
+        "operator_positions": list(g.operator_positions),
+        "answer_rank_by_layer": _arr(g.answer_rank),
+        "mlp_scores": _arr(g.mlp_scores),
+        "head_scores": _arr(g.head_scores),
+        "operand_attention": _arr(g.operand_attention),
+        "nodes": [{"id": n.id, "label": n.label, "kind": n.kind, "position": n.position, "value": _num(n.value)} for n in g.nodes],
+        "edges": [{"source": e.source, "target": e.target, "kind": e.kind, "weight": _num(e.weight)} for e in g.edges],
+    }
+
+
+def report_document(report: Report) -> dict:
+    """The whole ``hexray --prompt ... --json`` document."""
+    spec = report.spec
+    doc = attribution_doc(report.attribution)
+    doc["model_info"] = {
+        "architecture": spec.architecture, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+        "d_model": spec.d_model, "d_mlp": spec.d_mlp, "d_vocab": spec.d_vocab, "n_ctx": spec.n_ctx, "norm": spec.norm,
+    }
+    if report.head_attribution is not None:
+        doc["head_scores"] = _arr(report.head_attribution.head_matrix(spec.n_layers, spec.n_heads))
+    if report.logit_lens is not None:
+        doc["logit_lens"] = lens_doc(report.logit_lens)
+    if report.residual is not None:
+        doc["residual"] = residual_doc(report.residual)
+    if report.steps is not None:
+        doc["cot"] = steps_doc(report.steps, report.options.top_k)
+    if report.weights:
+        doc["weights"] = [weight_doc(w) for w in report.weights]
+    if report.arithmetic is not None:
+        doc["arithmetic"] = arithmetic_doc(report.arithmetic)
+    return doc
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+
+
+def _arr(a: np.ndarray) -> list:
+    """Nested lists with NaN/inf as null, so the document is strict JSON."""
+    a = np.round(np.asarray(a, dtype=float), 6)
+    if a.ndim == 0:
+        return _num(a)  # type: ignore[return-value]
+    return [_arr(row) if a.ndim > 1 else _num(v) for row, v in zip(a, a)]

@@ -1,0 +1,166 @@
+"""Matplotlib figures (PNG/SVG bytes) for each result type."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from hexray.analysis.results import ArithmeticGraph, Attribution, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.models.loading import ModelSpec
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; chosen at first use, never at import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, fmt: str = "png") -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _limit(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+def head_heatmap(a: Attribution, spec: ModelSpec) -> bytes:
+    """Per-head direct attribution, layers x heads, with each layer's MLP as a last column."""
+    plt = _plt()
+    heads = a.head_matrix(spec.n_layers, spec.n_heads)
+    mlp = a.layer_totals(spec.n_layers)[1][:, None]
+    grid = np.concatenate([heads, mlp], axis=1)
+    lim = _limit(grid)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * (spec.n_heads + 1), 1.0 + 0.28 * spec.n_layers))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(spec.n_heads + 1), [f"H{h}" for h in range(spec.n_heads)] + ["MLP"])
+    ax.set_yticks(range(spec.n_layers), [f"L{layer}" for layer in range(spec.n_layers)])
+    ax.axvline(spec.n_heads - 0.5, color="black", lw=1)
+    ax.set_title(f"Direct attribution to {_label(a)}")
+    fig.colorbar(im, ax=ax, label="logit contribution")
+    return _save(fig)
+
+
+def layer_bars(a: Attribution, spec: ModelSpec) -> bytes:
+    """Per-layer attention and MLP totals as grouped bars."""
+    plt = _plt()
+    attn, mlp = a.layer_totals(spec.n_layers)
+    x = np.arange(spec.n_layers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * spec.n_layers), 3.4))
+    ax.bar(x - 0.2, attn, 0.4, label="attention", color="#4c72b0")
+    ax.bar(x + 0.2, mlp, 0.4, label="MLP", color="#dd8452")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("logit contribution")
+    ax.set_title(f"Per-layer attribution to {_label(a)}")
+    ax.legend()
+    return _save(fig)
+
+
+def lens_heatmap(lens: LogitLens) -> bytes:
+    """The target's probability and rank after each layer."""
+    plt = _plt()
+    probs = [r.target_prob for r in lens.rows]
+    ranks = [r.target_rank for r in lens.rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(probs)), 3.2))
+    ax.plot(range(len(probs)), probs, marker="o", color="#4c72b0")
+    ax.set_ylabel("target probability")
+    ax.set_xticks(range(len(probs)), [r.label for r in lens.rows], rotation=90, fontsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(range(len(ranks)), np.log10(np.asarray(ranks) + 1), color="#c44e52", ls="--")
+    ax2.set_ylabel("log10(rank + 1)")
+    ax.set_title(f"Logit lens for {lens.target.token!r} at position {lens.position}")
+    return _save(fig)
+
+
+def residual_chart(r: ResidualTrace, position: int) -> bytes:
+    """Residual norm and per-block write norms at ``position``, across layers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(r.row_labels)), 3.4))
+    ax.plot(range(len(r.row_labels)), r.resid_norm[:, position], marker="o", label="|resid|")
+    ax.plot(range(1, len(r.row_labels)), r.attn_delta_norm[:, position], label="|attn out|")
+    ax.plot(range(1, len(r.row_labels)), r.mlp_delta_norm[:, position], label="|mlp out|")
+    ax.set_xticks(range(len(r.row_labels)), r.row_labels, rotation=90, fontsize=7)
+    ax.set_title(f"Residual stream at position {position} {r.tokens[position]!r}")
+    ax.legend()
+    return _save(fig)
+
+
+def steps_chart(s: StepAttribution, k: int) -> bytes:
+    """One horizontal bar chart per reasoning step (top-k components)."""
+    plt = _plt()
+    n = max(1, len(s.steps))
+    fig, axes = plt.subplots(n, 1, figsize=(7, 0.35 * k * n + 0.8 * n), squeeze=False)
+    for ax, st in zip(axes[:, 0], s.steps):
+        top = st.attribution.top(k)[::-1]
+        ax.barh([c.component.label for c in top], [c.score for c in top], color=["#55a868" if c.score >= 0 else "#c44e52" for c in top])
+        ax.set_title(f"Step {st.index}: {st.text[:70]}", fontsize=9, loc="left")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _save(fig)
+
+
+def weight_heatmap(w: WeightView) -> bytes:
+    """Each head's matrix (or the one MLP matrix) as a diverging heatmap."""
+    plt = _plt()
+    n = w.matrices.shape[0]
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    lim = _limit(w.matrices)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        im = ax.imshow(w.matrices[i], cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set_title(f"head {i}" if w.per_head else w.weight, fontsize=9)
+        ax.set_xlabel(w.col_axis, fontsize=8)
+        ax.set_ylabel(w.row_axis, fontsize=8)
+    fig.suptitle(w.spec)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    return _save(fig)
+
+
+def arithmetic_chart(g: ArithmeticGraph, fmt: str = "png") -> bytes:
+    """The graph (operands -> heads -> answer, MLPs -> answer) beside the answer's rank by layer."""
+    plt = _plt()
+    fig, (ax, ax_rank) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    columns = {"operand": 0.0, "operator": 0.0, "head": 1.0, "mlp": 1.0, "answer": 2.0}
+    placed: dict[str, tuple[float, float]] = {}
+    for kind_group in (("operand", "operator"), ("head", "mlp"), ("answer",)):
+        group = [n for n in g.nodes if n.kind in kind_group]
+        for i, node in enumerate(group):
+            placed[node.id] = (columns[node.kind], 1 - (i + 1) / (len(group) + 1))
+    weights = [abs(e.weight) for e in g.edges] or [1.0]
+    top = max(weights) or 1.0
+    for e in g.edges:
+        (x0, y0), (x1, y1) = placed[e.source], placed[e.target]
+        colour = "#4c72b0" if e.kind == "attends" else ("#55a868" if e.weight >= 0 else "#c44e52")
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 3.5 * abs(e.weight) / top, "alpha": 0.8})
+    colours = {"operand": "#8172b2", "operator": "#cccccc", "head": "#64b5cd", "mlp": "#dd8452", "answer": "#55a868"}
+    for node in g.nodes:
+        x, y = placed[node.id]
+        text = node.label if node.kind in ("operand", "operator", "answer") else f"{node.label}\n{node.value:+.2f}"
+        ax.text(x, y, text, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": colours[node.kind], "ec": "black", "lw": 0.5})
+    ax.set_xlim(-0.4, 2.4)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.set_title(f"How the model wrote {g.answer.token!r} (blue: attention weight, green/red: logit written)", fontsize=9)
+    ax_rank.plot(range(len(g.answer_rank)), np.log10(g.answer_rank + 1), marker="o")
+    ax_rank.set_xlabel("layer (0 = embeddings)")
+    ax_rank.set_ylabel("log10(answer rank + 1)")
+    ax_rank.set_title("Answer rank through the layers", fontsize=9)
+    return _save(fig, fmt)
+
+
+def _label(a: Attribution) -> str:
+    text = repr(a.target.token)
+    return text if a.contrast is None else f"{text} - {a.contrast.token!r}"
