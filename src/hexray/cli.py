@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0].startswith("-") and args[0] not in _PASSTHROUGH:
         args.insert(0, "trace")  # the reference tool's `hexray --prompt ...`
     if args[:1] == ["--version"]:
-        from importlib.metadata import version
+        from hexray import __version__
 
-        print(f"hexray {version('hexray')}")
+        print(f"hexray {__version__}")
         return 0
     try:
         app(args, prog_name="hexray", standalone_mode=False)

@@ -154,9 +154,9 @@ def arithmetic_summary(g: ArithmeticGraph) -> Group:
         Text("operands: " + ", ".join(f"{n.label}@{n.position}" for n in operands)),
         Text("answer rank by layer: " + " ".join(str(int(r)) for r in g.answer_rank)),
     ]
+    label = {n.id: f"{n.label}@{n.position}" if n.kind == "operand" else n.label for n in g.nodes}
     for e in g.edges:
         verb = "attends to" if e.kind == "attends" else "writes"
         src, dst = (e.target, e.source) if e.kind == "attends" else (e.source, e.target)
-        label = {n.id: n.label for n in g.nodes}
         lines.append(Text(f"  {label[src]} {verb} {label[dst]}: {e.weight:+.3f}"))
     return Group(*lines)

@@ -31,7 +31,7 @@ def attribution_doc(a: Attribution, *, top_k: int | None = None) -> dict:
         "contrast": token_doc(a.contrast),
         "value": _num(a.value),
         "granularity": a.granularity,
-        "reconstruction_error": _num(a.reconstruction_error),
+        "reconstruction_error": float(a.reconstruction_error),  # unrounded: it is ~1e-7
         "components": [component_doc(c) for c in components],
     }
 

@@ -139,16 +139,16 @@ def arithmetic_chart(g: ArithmeticGraph, fmt: str = "png") -> bytes:
         group = [n for n in g.nodes if n.kind in kind_group]
         for i, node in enumerate(group):
             placed[node.id] = (columns[node.kind], 1 - (i + 1) / (len(group) + 1))
-    weights = [abs(e.weight) for e in g.edges] or [1.0]
-    top = max(weights) or 1.0
+    # attention weights and logit contributions have different units: scale each kind on its own
+    top = {kind: max([abs(e.weight) for e in g.edges if e.kind == kind] or [1.0]) or 1.0 for kind in ("attends", "writes")}
     for e in g.edges:
         (x0, y0), (x1, y1) = placed[e.source], placed[e.target]
         colour = "#4c72b0" if e.kind == "attends" else ("#55a868" if e.weight >= 0 else "#c44e52")
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 3.5 * abs(e.weight) / top, "alpha": 0.8})
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 3.5 * abs(e.weight) / top[e.kind], "alpha": 0.8})
     colours = {"operand": "#8172b2", "operator": "#cccccc", "head": "#64b5cd", "mlp": "#dd8452", "answer": "#55a868"}
     for node in g.nodes:
         x, y = placed[node.id]
-        text = node.label if node.kind in ("operand", "operator", "answer") else f"{node.label}\n{node.value:+.2f}"
+        text = {"operand": f"{node.label} @{node.position}", "operator": node.label, "answer": node.label}.get(node.kind, f"{node.label}\n{node.value:+.2f}")
         ax.text(x, y, text, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": colours[node.kind], "ec": "black", "lw": 0.5})
     ax.set_xlim(-0.4, 2.4)
     ax.set_ylim(0, 1)
