@@ -153,7 +153,7 @@ def test_residual_trace_is_hidden_when_another_analysis_is_asked_for(cli, tiny_g
     assert "Residual stream" in cli(tiny_gpt2, "--prompt", IOI, "-k", "3", "--residual").out
 
 
-@pytest.mark.parametrize("granularity", ["layer", "head"])
+@pytest.mark.parametrize("granularity", ["layer", "head", "neuron"])
 def test_top_k_attribution_table(cli, tiny_model, granularity):
     r = cli(tiny_model, "--prompt", IOI, "--top-k-attribution", "3", "--granularity", granularity)
     assert r.code == 0, r.err
@@ -162,6 +162,43 @@ def test_top_k_attribution_table(cli, tiny_model, granularity):
     assert [row[0] for row in rows] == ["1", "2", "3"]
     doc = run_json(cli, tiny_model, "--prompt", IOI, "--granularity", granularity)
     assert [row[2] for row in rows] == [f"{c['score']:+.3f}" for c in doc["components"][:3]]
+
+
+def _prefix_with_tokens(model, text: str, n: int) -> str:
+    """The shortest prefix of ``text`` that is exactly ``n`` tokens."""
+    for end in range(1, len(text) + 1):
+        if len(model.encode(text[:end])) == n:
+            return text[:end]
+    raise AssertionError(f"no prefix of {n} tokens")
+
+
+def test_prompt_length_boundary_is_the_context(cli, tiny_gpt2):
+    n_ctx = tiny_gpt2.spec.n_ctx
+    fits = _prefix_with_tokens(tiny_gpt2, TOO_LONG, n_ctx)
+    doc = run_json(cli, tiny_gpt2, "--prompt", fits)
+    assert len(doc["token_ids"]) == n_ctx and doc["position"] == n_ctx - 1
+    _assert_one_line_error(cli(tiny_gpt2, "--prompt", _prefix_with_tokens(tiny_gpt2, TOO_LONG, n_ctx + 1)), f"is {n_ctx + 1} tokens")
+    # a forced BOS is one more token
+    _assert_one_line_error(cli(tiny_gpt2, "--prompt", fits, "--prepend-bos"), f"is {n_ctx + 1} tokens")
+
+
+def test_prepend_bos(cli, tiny_model, tiny_hf_model):
+    bos = tiny_model.tokenizer.bos_token_id
+    plain = run_json(cli, tiny_model, "--prompt", IOI)
+    assert plain["token_ids"][0] != bos
+    assert run_json(cli, tiny_model, "--prompt", IOI, "--no-prepend-bos")["token_ids"] == plain["token_ids"]
+    doc = run_json(cli, tiny_model, "--prompt", IOI, "--prepend-bos")
+    assert doc["token_ids"] == [bos, *plain["token_ids"]]
+    assert doc["position"] == plain["position"] + 1
+    with torch.no_grad():
+        logits = tiny_hf_model(torch.tensor([doc["token_ids"]])).logits[0, -1]
+    assert doc["target"]["id"] == int(logits.argmax())
+    assert doc["value"] == pytest.approx(float(logits.max()), abs=1e-4)
+    assert_conserves(doc)
+    # step positions shift by the BOS token too
+    prompt = " ".join(SENTENCES[:2])
+    steps = run_json(cli, tiny_model, "--prompt", prompt, "--cot-debug", "--prepend-bos")["cot"]["steps"]
+    assert [s["position"] for s in steps] == [p + 1 for p in last_token_positions(tiny_model, prompt, SENTENCES[:2])]
 
 
 def test_short_flag_k_and_granularity_head_shows_head_labels(cli, tiny_gpt2):

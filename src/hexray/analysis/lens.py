@@ -72,10 +72,10 @@ def residual_trace(model: LoadedModel, trace: Trace) -> ResidualTrace:
     mlp = torch.stack([trace.acts[sites.mlp_out(layer)] for layer in range(spec.n_layers)])
     top_tokens, top_probs = [], []
     for row in resid:  # one row at a time keeps memory at [pos, d_vocab]
-        probs = torch.softmax(lens_logits(model, row).double(), dim=-1)
-        p, i = probs.max(dim=-1)
+        logits = lens_logits(model, row)
+        best, i = logits.max(dim=-1)
         top_tokens.append(tuple(model.token_strs(i.tolist())))
-        top_probs.append(p.float())
+        top_probs.append(torch.exp(best - torch.logsumexp(logits, dim=-1)))  # softmax at the max only
     return ResidualTrace(
         model=trace.model_name,
         tokens=trace.tokens,

@@ -91,6 +91,7 @@ class LoadedModel:
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.spec = spec
+        self._token_text: dict[int, str] = {}  # decode is slow per call; token texts never change
 
     @property
     def name(self) -> str:
@@ -123,7 +124,11 @@ class LoadedModel:
         return ids, offsets
 
     def token_str(self, token_id: int) -> str:
-        return self.tokenizer.decode([int(token_id)])
+        token_id = int(token_id)
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def token_strs(self, ids) -> list[str]:
         return [self.token_str(i) for i in ids]
