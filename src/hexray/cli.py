@@ -87,8 +87,8 @@ def trace_command(
     from hexray.analysis.report import AnalysisOptions, analyze
     from hexray.render.files import check_writable, write_report
     from hexray.render.jsondoc import report_document
+    from hexray.tracing.activations import check_fired, select_hooks
     from hexray.tracing.activations import save_activations as save_acts
-    from hexray.tracing.activations import select_hooks
 
     asked = top_k_attribution is not None or logit_lens or logit_debug or cot_debug or weight_heatmap or arithmetic_graph or save_activations
     if report is None and (logit_debug or weight_heatmap or arithmetic_graph):
@@ -100,6 +100,8 @@ def trace_command(
         weight_specs=tuple(weight_heatmap or ()), arithmetic=arithmetic_graph, prepend_bos=prepend_bos,
     )
     options.validate()
+    if save_hooks and save_activations is None:
+        raise HexRayError("--save-hooks needs --save-activations DIR")
     for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
         if folder is not None:
             check_writable(folder, flag)
@@ -108,6 +110,8 @@ def trace_command(
     with _status("Tracing...", json_out):
         result = analyze(loaded, prompt, AnalysisOptions(**{**options.__dict__, "save_hooks": hooks}))
         document = report_document(result)
+    if save_activations is not None:
+        check_fired(result.trace, list(hooks))  # before anything is written
     written = write_report(report, result, document) if report is not None else []
     if save_activations is not None:
         save_acts(result.trace, save_activations, list(hooks))
@@ -123,9 +127,9 @@ def trace_command(
     console = Console()
     render_report(result, console)
     if written:
-        console.print(f"[green]Report written to {report}/[/] ({', '.join(p.name for p in written)})")
+        console.print(f"[green]Report written to {escape(str(report))}/[/] ({', '.join(p.name for p in written)})")
     if save_activations is not None:
-        console.print(f"[green]Saved {len(hooks)} hook points to {save_activations}/[/] (read back with hexray.load_activations)")
+        console.print(f"[green]Saved {len(hooks)} hook points to {escape(str(save_activations))}/[/] (read back with hexray.load_activations)")
 
 
 _PASSTHROUGH = {"--help", "-h", "--version"}

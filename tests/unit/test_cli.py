@@ -528,6 +528,18 @@ def test_hexray_py_help_at_the_repo_root():
     assert "Traceback" not in proc.stderr
 
 
+def test_hexray_py_traces_a_local_model_folder(tiny_gpt2_case):
+    """The root shim runs a whole trace (real loading, no monkeypatching) and --json stays clean."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "hexray.py", "--prompt", IOI, "--model", str(tiny_gpt2_case.folder), "-k", "3", "--json"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["model"] == str(tiny_gpt2_case.folder)
+    assert doc["token_ids"] == tiny_gpt2_case.model.encode(IOI)
+    assert_conserves(doc)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: exit 2, one line on stderr, nothing written
 # ---------------------------------------------------------------------------------------------
@@ -627,8 +639,30 @@ def test_bad_model(cli, monkeypatch, tmp_path, args, expected):
     _assert_one_line_error(_bad_run(cli, None, args, tmp_path), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.trace_command writes --report before save_activations checks that the hooks fired")
 def test_unfired_save_hook_writes_nothing(cli, tiny_llama, tmp_path):
     # Llama has rotary embeddings: hook_pos_embed exists in hook_dict but never fires.
     r = _bad_run(cli, tiny_llama, ["--prompt", IOI, "--logit-debug", "--save-hooks", "hook_pos_embed"], tmp_path)
     _assert_one_line_error(r, "did not fire")
+
+
+def test_lens_k_above_the_vocabulary_lists_the_whole_vocabulary(cli, tiny_gpt2):
+    r = cli(tiny_gpt2, "--prompt", IOI, "--logit-lens", "--lens-k", "100000", "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["logit_lens"]["layers"]
+    assert all(len(row["top"]) == tiny_gpt2.spec.d_vocab for row in rows)
+
+
+def test_save_hooks_without_save_activations_is_an_error(cli, tiny_gpt2, tmp_path):
+    before = tree(tmp_path)
+    r = cli(tiny_gpt2, "--prompt", IOI, "--save-hooks", "blocks.*.attn.hook_z")
+    _assert_one_line_error(r, "--save-activations")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["out[x]", "out[/]"])
+def test_folder_names_with_brackets_are_reported_verbatim(cli, tiny_gpt2, tmp_path, name):
+    r = cli(tiny_gpt2, "--prompt", IOI, "--logit-debug", "--report", name, "--save-activations", name + "-acts")
+    assert r.code == 0, r.err
+    assert f"Report written to {name}/" in r.out
+    assert f"to {name}-acts/" in r.out
+    assert (tmp_path / name / "index.html").is_file()

@@ -45,7 +45,7 @@ def logit_lens(model: LoadedModel, trace: Trace, *, position: int = -1, target: 
     resid = stacked_residual(model, trace)[:, pos]  # [rows, d_model]
     logits = lens_logits(model, resid)  # [rows, d_vocab]
     probs = torch.softmax(logits.double(), dim=-1)
-    top_p, top_i = probs.topk(k, dim=-1)
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
     ranks = (logits > logits[:, target_id : target_id + 1]).sum(-1)  # tokens strictly above target
     rows = []
     for r, label in enumerate(row_labels(model.spec)):

@@ -104,13 +104,7 @@ class LoadedModel:
         ``prepend_bos=None`` keeps the model's own tokenizer behaviour (SmolLM2 and GPT-2 add
         nothing); ``True`` forces a BOS token in front, ``False`` strips a leading one.
         """
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        bos = self.tokenizer.bos_token_id
-        if prepend_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        elif prepend_bos is False and ids and bos is not None and ids[0] == bos:
-            ids = ids[1:]
-        return ids
+        return self.encode_with_offsets(text, prepend_bos=prepend_bos)[0]
 
     def encode_with_offsets(self, text: str, *, prepend_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's (start, end) character span in ``text`` ((0, 0) for BOS)."""

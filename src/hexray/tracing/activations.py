@@ -49,12 +49,17 @@ def select_hooks(model: LoadedModel, patterns: str | None) -> list[str]:
     return chosen
 
 
-def save_activations(trace: Trace, folder: str | Path, hooks: list[str]) -> Path:
-    """Write ``hooks`` from ``trace`` into ``folder`` (created; written atomically per file)."""
-    folder = Path(folder)
+def check_fired(trace: Trace, hooks: list[str]) -> None:
+    """Some hook points exist but never fire (``hook_pos_embed`` on rotary models)."""
     missing = [h for h in hooks if h not in trace.acts]
     if missing:
         raise HexRayError(f"hook points did not fire for this model: {', '.join(missing[:5])}", hint="choose other --save-hooks")
+
+
+def save_activations(trace: Trace, folder: str | Path, hooks: list[str]) -> Path:
+    """Write ``hooks`` from ``trace`` into ``folder`` (created; written atomically per file)."""
+    folder = Path(folder)
+    check_fired(trace, hooks)
     tensors = {h: trace.acts[h].contiguous().clone() for h in hooks}
     manifest = {
         "format": "hexray-activations/1",
