@@ -37,12 +37,14 @@ def head_heatmap(a: Attribution, spec: ModelSpec) -> bytes:
     heads = a.head_matrix(spec.n_layers, spec.n_heads)
     mlp = a.layer_totals(spec.n_layers)[1][:, None]
     grid = np.concatenate([heads, mlp], axis=1)
-    lim = _limit(grid)
+    lim = _limit(heads) if np.isfinite(heads).any() else _limit(grid)  # MLPs would wash heads out; they get numbers
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * (spec.n_heads + 1), 1.0 + 0.28 * spec.n_layers))
     im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(spec.n_heads + 1), [f"H{h}" for h in range(spec.n_heads)] + ["MLP"])
     ax.set_yticks(range(spec.n_layers), [f"L{layer}" for layer in range(spec.n_layers)])
     ax.axvline(spec.n_heads - 0.5, color="black", lw=1)
+    for layer, value in enumerate(mlp[:, 0]):
+        ax.text(spec.n_heads, layer, f"{value:+.1f}", ha="center", va="center", fontsize=6)
     ax.set_title(f"Direct attribution to {_label(a)}")
     fig.colorbar(im, ax=ax, label="logit contribution")
     return _save(fig)
