@@ -6,6 +6,7 @@ User mistakes surface as :class:`~hexray.errors.HexRayError`: one line on stderr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from contextlib import contextmanager
@@ -108,7 +109,7 @@ def trace_command(
     loaded = _load(model, json_out)
     hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
     with _status("Tracing...", json_out):
-        result = analyze(loaded, prompt, AnalysisOptions(**{**options.__dict__, "save_hooks": hooks}))
+        result = analyze(loaded, prompt, dataclasses.replace(options, save_hooks=hooks))
         document = report_document(result)
     if save_activations is not None:
         check_fired(result.trace, list(hooks))  # before anything is written
