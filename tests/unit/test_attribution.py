@@ -17,6 +17,7 @@ from hexray.analysis.results import GRANULARITIES
 from hexray.errors import HexRayError
 from hexray.tracing import sites
 from hexray.tracing.engine import run_trace
+from tests.helpers import expected_names
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 POSITIONS = ("last", "first", "middle")
@@ -69,20 +70,6 @@ def _ids(model, target, contrast):
     t = None if target is None else model.single_token(target)
     c = None if contrast is None else model.single_token(contrast)
     return t, c
-
-
-def expected_names(spec, granularity: str) -> set[str]:
-    names = {"embed", "bias"}
-    for layer in range(spec.n_layers):
-        if granularity == "layer":
-            names.add(f"ATTN{layer}")
-        else:
-            names |= {f"L{layer}H{h}" for h in range(spec.n_heads)}
-        if granularity == "neuron":
-            names |= {f"L{layer}N{n}" for n in range(spec.d_mlp)}
-        else:
-            names.add(f"MLP{layer}")
-    return names
 
 
 def expected_count(spec, granularity: str) -> int:

@@ -22,6 +22,7 @@ import torch
 import hexray
 import hexray.cli
 from hexray.tracing.engine import run_trace
+from tests.helpers import expected_names
 
 REPO = Path(__file__).resolve().parents[2]
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -86,20 +87,6 @@ def assert_conserves(doc: dict) -> None:
     assert all(isinstance(s, float) for s in scores)
     assert [abs(s) for s in scores] == sorted((abs(s) for s in scores), reverse=True)
     assert abs(sum(scores) - doc["value"]) <= 1e-3 * abs(doc["value"]) + 1e-5
-
-
-def expected_names(spec, granularity: str) -> set[str]:
-    names = {"embed", "bias"}
-    for layer in range(spec.n_layers):
-        if granularity == "layer":
-            names.add(f"ATTN{layer}")
-        else:
-            names |= {f"L{layer}H{h}" for h in range(spec.n_heads)}
-        if granularity == "neuron":
-            names |= {f"L{layer}N{n}" for n in range(spec.d_mlp)}
-        else:
-            names.add(f"MLP{layer}")
-    return names
 
 
 def table_rows(text: str) -> list[list[str]]:
