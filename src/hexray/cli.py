@@ -133,6 +133,146 @@ def trace_command(
         console.print(f"[green]Saved {len(hooks)} hook points to {escape(str(save_activations))}/[/] (read back with hexray.load_activations)")
 
 
+TargetOpt = Annotated[Optional[str], typer.Option(help="Target token (one token, e.g. ' Mary').")]
+ContrastOpt = Annotated[Optional[str], typer.Option(help="Contrast token: the metric is logit(target) - logit(contrast).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Rows in each console table.")]
+
+
+def _finish(json_out: bool, report: Path | None, document: dict, files, show) -> None:
+    """Print JSON or the console view, and write the report (all files at once)."""
+    from hexray.render.files import write_files
+
+    written = write_files(report, files()) if report is not None else []
+    if json_out:
+        if written:
+            document["report_files"] = [str(p) for p in written]
+        sys.stdout.write(json.dumps(document, allow_nan=False) + "\n")
+        return
+    console = Console()
+    show(console)
+    if written:
+        console.print(f"[green]Report written to {escape(str(report))}/[/] ({', '.join(p.name for p in written)})")
+
+
+@app.command("patch")
+def patch_command(
+    clean: Annotated[str, typer.Option("--clean", help="The prompt with the behaviour (e.g. the IOI sentence).")],
+    corrupt: Annotated[str, typer.Option("--corrupt", help="The same prompt with the behaviour broken (same token length).")],
+    model: ModelOpt = None,
+    target: TargetOpt = None,
+    contrast: ContrastOpt = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Comma-separated: heads, heads-pos, resid, attn, mlp, neurons (attribution only), or all. Default: heads,resid (attribution: all).")] = None,
+    method: Annotated[str, typer.Option(help="exact | attribution | both.")] = "exact",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Patched variants per forward pass (default: what fits ~1.5 GB).")] = None,
+    last_position: Annotated[bool, typer.Option("--last-position", help="Patch only the final token; the prompts may then differ in length.")] = False,
+    top_k: TopKOpt = 10,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    prepend_bos: BosOpt = None,
+) -> None:
+    """Activation patching: which sites, patched from the clean run into the corrupt one, restore the behaviour."""
+    from hexray.intervene.patching import activation_patching, parse_sweeps
+    from hexray.render.files import check_writable, patching_files
+    from hexray.render.jsondoc import patch_document
+
+    parse_sweeps(sweep, method)
+    if top_k <= 0:
+        raise HexRayError(f"--top-k must be positive, got {top_k}")
+    if batch_size is not None and batch_size <= 0:
+        raise HexRayError(f"--batch-size must be positive, got {batch_size}")
+    if report is not None:
+        check_writable(report)
+    loaded = _load(model, json_out)
+    with _status("Patching...", json_out) as update:
+        result = activation_patching(
+            loaded, clean, corrupt, target=target, contrast=contrast, sweeps=sweep, method=method,  # type: ignore[arg-type]
+            last_position_only=last_position, batch_size=batch_size, prepend_bos=prepend_bos,
+            progress=lambda done, total: update(f"Patching: {done}/{total} sites"),
+        )
+    from hexray.render.console import render_patching
+
+    document = patch_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: patching_files(result, document, top_k), lambda c: render_patching(result, c, top_k))
+
+
+@app.command("ablate")
+def ablate_command(
+    prompt: PromptOpt,
+    components: Annotated[str, typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")],
+    model: ModelOpt = None,
+    mode: Annotated[str, typer.Option(help="zero | mean | resample.")] = "zero",
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference prompts for mean/resample, one a line (default: a built-in set).")] = None,
+    samples: Annotated[int, typer.Option(help="Resample draws to average.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for resampling.")] = 0,
+    target: TargetOpt = None,
+    contrast: ContrastOpt = None,
+    token_index: Annotated[int, typer.Option("--token-index", help="Position whose next-token distribution to compare; negative counts from the end.")] = -1,
+    top_k: TopKOpt = 10,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    prepend_bos: BosOpt = None,
+) -> None:
+    """Ablate components together and compare the next-token distribution before and after."""
+    from hexray.intervene.ablation import ablate, parse_sites, read_reference_prompts
+    from hexray.intervene.results import ABLATION_MODES
+    from hexray.render.files import ablation_files, check_writable
+    from hexray.render.jsondoc import ablation_document
+
+    if mode not in ABLATION_MODES:
+        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
+    if top_k <= 0:
+        raise HexRayError(f"--top-k must be positive, got {top_k}")
+    if samples <= 0:
+        raise HexRayError(f"--samples must be positive, got {samples}")
+    refs = read_reference_prompts(reference) if reference is not None else None
+    if report is not None:
+        check_writable(report)
+    loaded = _load(model, json_out)
+    sites = parse_sites(components, loaded.spec)
+    with _status("Ablating...", json_out):
+        result = ablate(
+            loaded, prompt, sites, mode=mode, reference=refs, samples=samples, seed=seed,  # type: ignore[arg-type]
+            target=target, contrast=contrast, token_index=token_index, k=top_k, prepend_bos=prepend_bos,
+        )
+    from hexray.render.console import render_ablation
+
+    document = ablation_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: ablation_files(result, document), lambda c: render_ablation(result, c, top_k))
+
+
+@app.command("heads")
+def heads_command(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text for the previous-token, duplicate-token and BOS scores (default: a built-in text).")] = None,
+    model: ModelOpt = None,
+    threshold: Annotated[float, typer.Option(help="Minimum score for a head to get a role label.")] = 0.4,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Length of each random sequence (repeated once) for the induction score.")] = 25,
+    sequences: Annotated[int, typer.Option("--sequences", help="Random sequences to average the induction score over.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for the random sequences.")] = 0,
+    top_k: TopKOpt = 5,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    prepend_bos: BosOpt = None,
+) -> None:
+    """Classify every attention head: previous-token, duplicate-token, induction, BOS/sink."""
+    from hexray.analysis.heads import classify_heads
+    from hexray.render.files import check_writable, heads_files
+    from hexray.render.jsondoc import heads_document
+
+    if not 0 <= threshold <= 1:
+        raise HexRayError(f"--threshold must be between 0 and 1, got {threshold}")
+    if top_k <= 0:
+        raise HexRayError(f"--top-k must be positive, got {top_k}")
+    if report is not None:
+        check_writable(report)
+    loaded = _load(model, json_out)
+    with _status("Scoring heads...", json_out):
+        result = classify_heads(loaded, prompt, threshold=threshold, seq_len=seq_len, n_sequences=sequences, seed=seed, prepend_bos=prepend_bos)
+    from hexray.render.console import render_heads
+
+    document = heads_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, top_k))
+
+
 _PASSTHROUGH = {"--help", "-h", "--version"}
 
 

@@ -183,3 +183,34 @@ class ArithmeticGraph:
     answer_rank: np.ndarray  # [n_layers + 1]: the answer's logit-lens rank after each layer
     nodes: tuple[GraphNode, ...]
     edges: tuple[GraphEdge, ...]
+
+
+HeadRole = Literal["previous_token", "duplicate_token", "induction", "bos"]
+HEAD_ROLES: tuple[HeadRole, ...] = ("induction", "duplicate_token", "previous_token", "bos")  # tie order
+
+
+@dataclass(frozen=True)
+class HeadClassification:
+    """Role scores of every head; ``scores[role]`` is [n_layers, n_heads], ``labels[layer][head]``."""
+
+    model: str
+    prompt: str  # the text behind the previous-token, duplicate-token and BOS scores
+    tokens: tuple[str, ...]
+    threshold: float
+    seq_len: int  # induction: random sequences of this length, repeated once
+    n_sequences: int
+    seed: int
+    scores: dict[str, np.ndarray]
+    labels: tuple[tuple[str | None, ...], ...]
+
+    def heads(self):
+        """``(layer, head, {role: score}, label)`` for every head, layer by layer."""
+        for layer, row in enumerate(self.labels):
+            for head, label in enumerate(row):
+                yield layer, head, {r: float(self.scores[r][layer, head]) for r in HEAD_ROLES}, label
+
+    def top(self, role: str, k: int) -> list[tuple[int, int, float]]:
+        """The ``k`` highest-scoring heads for ``role``: (layer, head, score)."""
+        s = np.nan_to_num(self.scores[role], nan=-1.0)
+        flat = np.argsort(-s, axis=None)[:k]
+        return [(int(i // s.shape[1]), int(i % s.shape[1]), float(s.flat[i])) for i in flat]

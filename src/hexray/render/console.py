@@ -8,7 +8,8 @@ from rich.table import Table
 from rich.text import Text
 
 from hexray.analysis.report import Report
-from hexray.analysis.results import ArithmeticGraph, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.intervene.results import AblationResult, Distribution, PatchingResult
+from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, ComponentScore, LogitLens, ResidualTrace, StepAttribution, WeightView
 
 BAR_WIDTH = 25
 MAX_GRID_POSITIONS = 8
@@ -160,3 +161,88 @@ def arithmetic_summary(g: ArithmeticGraph) -> Group:
         src, dst = (e.target, e.source) if e.kind == "attends" else (e.source, e.target)
         lines.append(Text(f"  {label[src]} {verb} {label[dst]}: {e.weight:+.3f}"))
     return Group(*lines)
+
+
+# -- causal tools -------------------------------------------------------------------------------
+_ROLE_MARK = {"induction": ("I", "bold magenta"), "duplicate_token": ("D", "bold yellow"), "previous_token": ("P", "bold cyan"), "bos": ("b", "dim"), None: ("·", "dim")}
+
+
+def render_patching(r: PatchingResult, console: Console, k: int) -> None:
+    lines = [
+        Text.assemble(("Clean   ", "bold"), " ".join(tok(t) for t in r.clean_tokens)),
+        Text.assemble(("Corrupt ", "bold"), " ".join(tok(t) for t in r.corrupt_tokens)),
+        Text(
+            f"Metric logit({tok(r.target.token)}) - logit({tok(r.contrast.token)}): clean {r.clean_value:+.3f}, "
+            f"corrupt {r.corrupt_value:+.3f}; scores are (patched - corrupt) / (clean - corrupt)"
+        ),
+        Text(f"Method {r.method}" + ("; only the final position is patched" if r.last_position_only else "")),
+    ]
+    if r.correlation:
+        corr = ", ".join(f"{s} {v:+.3f}" if v is not None else f"{s} n/a" for s, v in r.correlation.items())
+        lines.append(Text(f"Exact vs attribution (Pearson r): {corr}"))
+    console.print(Group(*lines, Text("")))
+    for sweep in r.sweeps:
+        top = r.top(k, sweep)
+        n_sites = len(r.of(sweep))
+        table = Table(title=f"Top {len(top)} of {n_sites} sites: {sweep}", title_justify="left")
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("site")
+        table.add_column("token")
+        table.add_column("score" if r.method != "both" else "exact", justify="right")
+        if r.method == "both":
+            table.add_column("attribution", justify="right")
+        for i, p in enumerate(top, 1):
+            pos = p.site.position
+            cells = [str(i), p.site.label, "" if pos is None else tok(r.corrupt_tokens[pos]), Text(f"{p.score:+.3f}", style="green" if p.score >= 0 else "red")]
+            if r.method == "both":
+                cells.append(f"{p.attribution:+.3f}")
+            table.add_row(*cells)
+        console.print(table)
+
+
+def _distribution_table(before: Distribution, after: Distribution, k: int) -> Table:
+    table = Table(title="Next-token distribution", title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("before")
+    table.add_column("p", justify="right")
+    table.add_column("after")
+    table.add_column("p", justify="right")
+    for i in range(min(k, len(before.top), len(after.top))):
+        b, a = before.top[i], after.top[i]
+        table.add_row(str(i + 1), tok(b.token), f"{b.prob:.3f}", tok(a.token), f"{a.prob:.3f}")
+    return table
+
+
+def render_ablation(r: AblationResult, console: Console, k: int) -> None:
+    b, a = r.before, r.after
+    how = {"zero": "zeroed", "mean": f"set to their mean over {r.n_reference} reference prompts",
+           "resample": f"resampled from {r.n_reference} reference prompts ({r.samples} draws averaged)"}[r.mode]
+    lines = [
+        Text.assemble(("Tokens ", "bold"), " ".join(f"{i}:{tok(t)}" for i, t in enumerate(r.tokens))),
+        Text.assemble(("Ablated ", "bold"), ", ".join(s.label for s in r.sites), f" ({how})"),
+        Text(f"Position {r.position} {tok(r.tokens[r.position])}: target {tok(b.target.token)} "
+             f"logit {b.target.logit:.3f} -> {a.target.logit:.3f}, p {b.target.prob:.3f} -> {a.target.prob:.3f}"),
+    ]
+    if b.contrast is not None and a.contrast is not None:
+        lines.append(Text(f"logit({tok(b.target.token)}) - logit({tok(b.contrast.token)}): {b.logit_diff:+.3f} -> {a.logit_diff:+.3f}"))
+    lines.append(Text(f"KL(before || after) = {r.kl:.4f} nats"))
+    console.print(Group(*lines, Text("")))
+    console.print(_distribution_table(b, a, k))
+
+
+def render_heads(h: HeadClassification, console: Console, k: int = 5) -> None:
+    n_heads = len(h.labels[0]) if h.labels else 0
+    grid = Table(title=f"Head roles (score >= {h.threshold}): I induction, D duplicate token, P previous token, b BOS/sink only", title_justify="left")
+    grid.add_column("layer", justify="right")
+    for head in range(n_heads):
+        grid.add_column(f"H{head}", justify="center")
+    for layer, row in enumerate(h.labels):
+        grid.add_row(str(layer), *(Text(*_ROLE_MARK[label]) for label in row))
+    console.print(grid)
+    top = Table(title=f"Top {k} heads per role", title_justify="left")
+    top.add_column("role")
+    top.add_column("heads (score)")
+    for role in h.scores:
+        top.add_row(role, "  ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in h.top(role, k)))
+    console.print(top)
+    console.print(Text(f"previous/duplicate/BOS measured on {len(h.tokens)} prompt tokens; induction on {h.n_sequences} repeated random sequences of {h.seq_len} tokens (seed {h.seed})", style="dim"))

@@ -10,9 +10,11 @@ import tempfile
 from pathlib import Path
 
 from hexray.analysis.report import Report
+from hexray.analysis.results import HeadClassification
+from hexray.intervene.results import AblationResult, PatchingResult
 from hexray.errors import HexRayError
 from hexray.render import plots
-from hexray.render.html import report_html
+from hexray.render.html import ablation_html, heads_html, patching_html, report_html
 
 
 def check_writable(folder: str | Path, flag: str = "--report") -> Path:
@@ -58,11 +60,19 @@ def figures(report: Report) -> dict[str, bytes]:
 
 
 def write_report(folder: str | Path, report: Report, document: dict) -> list[Path]:
-    """Render everything, then move it into ``folder``: a failure leaves no half-written report."""
-    folder = check_writable(folder)
+    """The trace report: figures, ``hexray.json`` and ``index.html``."""
     files = figures(report)
     files["hexray.json"] = json.dumps(document, indent=2, allow_nan=False).encode()
     files["index.html"] = report_html(report, {k: v for k, v in files.items() if k.endswith(".png")}).encode()
+    return write_files(folder, files)
+
+
+def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
+    """Write ``files`` (name -> bytes) into ``folder`` all at once: stage them, then move each in.
+
+    Everything is rendered before this is called, so a failure leaves no half-written report.
+    """
+    folder = check_writable(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".hexray-partial-", dir=folder))
@@ -78,3 +88,25 @@ def write_report(folder: str | Path, report: Report, document: dict) -> list[Pat
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _with_page(figs: dict[str, bytes], document: dict, page) -> dict[str, bytes]:
+    files = dict(figs)
+    files["hexray.json"] = json.dumps(document, indent=2, allow_nan=False).encode()
+    files["index.html"] = page(figs).encode()
+    return files
+
+
+def patching_files(r: PatchingResult, document: dict, k: int) -> dict[str, bytes]:
+    figs = {f"patch_{sweep.replace('-', '_')}.png": plots.patch_heatmap(r, sweep) for sweep in r.sweeps}
+    if r.method == "both":
+        figs["exact_vs_attribution.png"] = plots.patch_scatter(r)
+    return _with_page(figs, document, lambda f: patching_html(r, f, k))
+
+
+def ablation_files(r: AblationResult, document: dict) -> dict[str, bytes]:
+    return _with_page({"ablation.png": plots.ablation_chart(r)}, document, lambda f: ablation_html(r, f))
+
+
+def heads_files(h: HeadClassification, document: dict) -> dict[str, bytes]:
+    return _with_page({"head_roles.png": plots.heads_map(h)}, document, lambda f: heads_html(h, f))

@@ -6,7 +6,8 @@ import base64
 from html import escape
 
 from hexray.analysis.report import Report
-from hexray.analysis.results import Attribution
+from hexray.analysis.results import Attribution, HeadClassification
+from hexray.intervene.results import AblationResult, PatchingResult
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1d1d1f;background:#fff}
@@ -79,3 +80,66 @@ def report_html(report: Report, figures: dict[str, bytes]) -> str:
         parts.append(f"<h2>{escape(view.spec)} norms</h2><table><tr><th>head</th><th>Frobenius norm</th></tr>{rows}</table>")
     body = "\n".join(parts)
     return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HexRay &mdash; {escape(a.prompt[:60])}</title><style>{_STYLE}</style></head><body>{body}</body></html>'
+
+
+# -- causal tools -------------------------------------------------------------------------------
+def _page(title: str, parts: list[str]) -> str:
+    body = "\n".join([f"<h1>{escape(title)}</h1>", *parts])
+    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HexRay &mdash; {escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>'
+
+
+def _figures(figures: dict[str, bytes]) -> list[str]:
+    return [f"<h2>{escape(name.removesuffix('.png').replace('_', ' '))}</h2>{_img(png, name)}" for name, png in figures.items() if name.endswith(".png")]
+
+
+def patching_html(r: PatchingResult, figures: dict[str, bytes], k: int) -> str:
+    parts = [
+        f"<p><b>Clean</b> {' '.join(_tok(t) for t in r.clean_tokens)}</p>",
+        f"<p><b>Corrupt</b> {' '.join(_tok(t) for t in r.corrupt_tokens)}</p>",
+        f"<p>Metric logit({_tok(r.target.token)}) &minus; logit({_tok(r.contrast.token)}): clean {r.clean_value:+.4f}, "
+        f"corrupt {r.corrupt_value:+.4f}. Scores are (patched &minus; corrupt) / (clean &minus; corrupt); method {escape(r.method)}.</p>",
+    ]
+    if r.correlation:
+        parts.append("<p>Exact vs attribution, Pearson r: " + ", ".join(f"{escape(s)} {'n/a' if v is None else f'{v:+.3f}'}" for s, v in r.correlation.items()) + "</p>")
+    for sweep in r.sweeps:
+        rows = "".join(
+            f"<tr><td>{escape(p.site.label)}</td><td class=\"{'pos' if p.score >= 0 else 'neg'}\">{p.score:+.4f}</td>"
+            + (f"<td>{p.attribution:+.4f}</td>" if p.attribution is not None else "") + "</tr>"
+            for p in r.top(k, sweep)
+        )
+        extra = "<th>attribution</th>" if r.method == "both" else ""
+        parts.append(f"<h2>Top {k} sites: {escape(sweep)}</h2><table><tr><th>site</th><th>score</th>{extra}</tr>{rows}</table>")
+    return _page(f"Activation patching — {r.model}", parts + _figures(figures))
+
+
+def ablation_html(r: AblationResult, figures: dict[str, bytes]) -> str:
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{_tok(b.token)}</td><td>{b.prob:.3f}</td><td>{_tok(a.token)}</td><td>{a.prob:.3f}</td></tr>"
+        for i, (b, a) in enumerate(zip(r.before.top, r.after.top))
+    )
+    diff = ""
+    if r.before.logit_diff is not None and r.after.logit_diff is not None:
+        diff = f"<p>logit({_tok(r.before.target.token)}) &minus; logit({_tok(r.before.contrast.token)}): {r.before.logit_diff:+.4f} &rarr; {r.after.logit_diff:+.4f}</p>"
+    parts = [
+        f"<p><b>Prompt</b> {escape(r.prompt)}</p>",
+        f"<p><b>Ablated</b> {escape(', '.join(s.label for s in r.sites))} ({escape(r.mode)}) at position {r.position}; KL(before&#8214;after) = {r.kl:.4f} nats</p>",
+        f"<p>Target {_tok(r.before.target.token)}: p {r.before.target.prob:.4f} &rarr; {r.after.target.prob:.4f}</p>",
+        diff,
+        f"<table><tr><th>#</th><th>before</th><th>p</th><th>after</th><th>p</th></tr>{rows}</table>",
+    ]
+    return _page(f"Ablation — {r.model}", parts + _figures(figures))
+
+
+def heads_html(h: HeadClassification, figures: dict[str, bytes]) -> str:
+    rows = "".join(
+        f"<tr><td>L{layer}H{head}</td>" + "".join(f"<td>{v:.3f}</td>" for v in scores.values()) + f"<td>{escape(label or '')}</td></tr>"
+        for layer, head, scores, label in h.heads()
+    )
+    header = "".join(f"<th>{escape(role)}</th>" for role in h.scores)
+    parts = [
+        f"<p>Previous-token, duplicate-token and BOS scores on: {escape(h.prompt)}</p>",
+        f"<p>Induction on {h.n_sequences} repeated random sequences of {h.seq_len} tokens (seed {h.seed}); labels at score &ge; {h.threshold}.</p>",
+        *_figures(figures),
+        f"<h2>Every head</h2><table><tr><th>head</th>{header}<th>label</th></tr>{rows}</table>",
+    ]
+    return _page(f"Head roles — {h.model}", parts)

@@ -7,7 +7,9 @@ import math
 import numpy as np
 
 from hexray.analysis.report import Report
-from hexray.analysis.results import ArithmeticGraph, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
+from hexray.intervene.results import AblationResult, Distribution, PatchingResult, PatchScore
+from hexray.models.loading import ModelSpec
+from hexray.analysis.results import ArithmeticGraph, HeadClassification, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
 
 
 def token_doc(t: TokenScore | None) -> dict | None:
@@ -102,10 +104,7 @@ def report_document(report: Report) -> dict:
     """The whole ``hexray --prompt ... --json`` document."""
     spec = report.spec
     doc = attribution_doc(report.attribution)
-    doc["model_info"] = {
-        "architecture": spec.architecture, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
-        "d_model": spec.d_model, "d_mlp": spec.d_mlp, "d_vocab": spec.d_vocab, "n_ctx": spec.n_ctx, "norm": spec.norm,
-    }
+    doc["model_info"] = model_info(spec)
     if report.head_attribution is not None:
         doc["head_scores"] = _arr(report.head_attribution.head_matrix(spec.n_layers, spec.n_heads))
     if report.logit_lens is not None:
@@ -119,6 +118,89 @@ def report_document(report: Report) -> dict:
     if report.arithmetic is not None:
         doc["arithmetic"] = arithmetic_doc(report.arithmetic)
     return doc
+
+
+def model_info(spec: ModelSpec) -> dict:
+    return {
+        "name": spec.name, "architecture": spec.architecture, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+        "d_model": spec.d_model, "d_mlp": spec.d_mlp, "d_vocab": spec.d_vocab, "n_ctx": spec.n_ctx, "norm": spec.norm,
+    }
+
+
+def patch_document(r: PatchingResult, spec: ModelSpec) -> dict:
+    """``hexray patch --json``: every patched site with its normalised score."""
+
+    def site(p: PatchScore) -> dict:
+        c = p.site.component
+        row = {"name": c.name, "kind": c.kind, "layer": c.layer, "head": c.head, "position": p.site.position, "sweep": p.sweep, "score": _num(p.score)}
+        if c.neuron is not None:
+            row["neuron"] = c.neuron
+        if p.attribution is not None:
+            row["attribution"] = _num(p.attribution)
+        return row
+
+    return {
+        "model": r.model,
+        "model_info": model_info(spec),
+        "metric": r.metric,
+        "method": r.method,
+        "sweeps": list(r.sweeps),
+        "last_position_only": r.last_position_only,
+        "clean_prompt": r.clean_prompt,
+        "corrupt_prompt": r.corrupt_prompt,
+        "clean_tokens": list(r.clean_tokens),
+        "corrupt_tokens": list(r.corrupt_tokens),
+        "clean_token_ids": list(r.clean_token_ids),
+        "corrupt_token_ids": list(r.corrupt_token_ids),
+        "target": token_doc(r.target),
+        "contrast": token_doc(r.contrast),
+        "clean_value": _num(r.clean_value),
+        "corrupt_value": _num(r.corrupt_value),
+        "correlation": None if r.correlation is None else {k: None if v is None else _num(v) for k, v in r.correlation.items()},
+        "results": [site(p) for p in r.results],
+    }
+
+
+def distribution_doc(d: Distribution) -> dict:
+    return {"top": [token_doc(t) for t in d.top], "target": token_doc(d.target), "contrast": token_doc(d.contrast), "logit_diff": None if d.logit_diff is None else _num(d.logit_diff)}
+
+
+def ablation_document(r: AblationResult, spec: ModelSpec) -> dict:
+    """``hexray ablate --json``: the distribution before and after, and their KL divergence."""
+    return {
+        "model": r.model,
+        "model_info": model_info(spec),
+        "prompt": r.prompt,
+        "tokens": list(r.tokens),
+        "token_ids": list(r.token_ids),
+        "position": r.position,
+        "components": [
+            {"name": s.component.name, "kind": s.component.kind, "layer": s.component.layer, "head": s.component.head,
+             "neuron": s.component.neuron, "position": s.position}
+            for s in r.sites
+        ],
+        "mode": r.mode,
+        "n_reference": r.n_reference,
+        "samples": r.samples,
+        "before": distribution_doc(r.before),
+        "after": distribution_doc(r.after),
+        "kl": _num(r.kl),
+    }
+
+
+def heads_document(h: HeadClassification, spec: ModelSpec) -> dict:
+    """``hexray heads --json``: every head's role scores and label."""
+    return {
+        "model": h.model,
+        "model_info": model_info(spec),
+        "prompt": h.prompt,
+        "threshold": h.threshold,
+        "induction_data": {"seq_len": h.seq_len, "n_sequences": h.n_sequences, "seed": h.seed},
+        "heads": [
+            {"name": f"L{layer}H{head}", "layer": layer, "head": head, "scores": {k: _num(v) for k, v in scores.items()}, "label": label}
+            for layer, head, scores, label in h.heads()
+        ],
+    }
 
 
 def _num(x: float) -> float | None:

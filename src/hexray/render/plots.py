@@ -6,7 +6,8 @@ import io
 
 import numpy as np
 
-from hexray.analysis.results import ArithmeticGraph, Attribution, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.intervene.results import AblationResult, PatchingResult
 from hexray.models.loading import ModelSpec
 
 
@@ -166,3 +167,91 @@ def arithmetic_chart(g: ArithmeticGraph, fmt: str = "png") -> bytes:
 def _label(a: Attribution) -> str:
     text = repr(a.target.token)
     return text if a.contrast is None else f"{text} - {a.contrast.token!r}"
+
+
+# -- causal tools -------------------------------------------------------------------------------
+MAX_HEAT_ROWS = 40
+
+
+def patch_heatmap(r: PatchingResult, sweep: str) -> bytes:
+    """A sweep's normalised patching scores (1 = restores clean, 0 = corrupt)."""
+    plt = _plt()
+    values, rows, cols = r.grid(sweep)
+    if sweep == "heads-pos" and len(rows) > MAX_HEAT_ROWS:  # keep the heads that matter
+        keep = np.sort(np.argsort(-np.nanmax(np.abs(values), axis=1))[:MAX_HEAT_ROWS])
+        values, rows = values[keep], [rows[i] for i in keep]
+    if sweep == "neurons":
+        return _neuron_chart(values, rows, r)
+    lim = _limit(values)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.5 * len(cols), 1.0 + 0.26 * len(rows)))
+    im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(cols)), cols, rotation=90 if sweep != "heads" else 0, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title(f"Activation patching ({sweep}): logit({r.target.token!r}) - logit({r.contrast.token!r}) restored", fontsize=9)
+    fig.colorbar(im, ax=ax, label="normalised score")
+    return _save(fig)
+
+
+def _neuron_chart(values: np.ndarray, rows: list[str], r: PatchingResult) -> bytes:
+    """Neurons are too many for a heatmap: the top 30 by |score| as bars."""
+    plt = _plt()
+    flat = [(abs(v), v, f"{rows[i]}N{j}") for (i, j), v in np.ndenumerate(values) if np.isfinite(v)]
+    top = sorted(flat, reverse=True)[:30][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(top) + 1))
+    ax.barh([t[2] for t in top], [t[1] for t in top], color=["#55a868" if t[1] >= 0 else "#c44e52" for t in top])
+    ax.tick_params(labelsize=7)
+    ax.set_title("Attribution patching: top neurons", fontsize=9)
+    return _save(fig)
+
+
+def patch_scatter(r: PatchingResult) -> bytes:
+    """Exact score against the attribution estimate, one point per site (method both)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for sweep in r.sweeps:
+        rows = [p for p in r.of(sweep) if p.attribution is not None]
+        ax.scatter([p.score for p in rows], [p.attribution for p in rows], s=8, alpha=0.7, label=sweep)
+    lo, hi = ax.get_xlim()
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.6, ls="--")
+    ax.set_xlabel("exact patching score")
+    ax.set_ylabel("attribution patching estimate")
+    ax.set_title("Where the linear approximation holds", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig)
+
+
+def ablation_chart(r: AblationResult) -> bytes:
+    """Probabilities of the top tokens before and after ablation."""
+    plt = _plt()
+    ids = list(dict.fromkeys([t.id for t in r.before.top] + [t.id for t in r.after.top]))[:12]
+    names = {t.id: t.token for t in (*r.before.top, *r.after.top)}
+    before = {t.id: t.prob for t in r.before.top}
+    after = {t.id: t.prob for t in r.after.top}
+    x = np.arange(len(ids))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ids)), 3.4))
+    ax.bar(x - 0.2, [before.get(i, 0.0) for i in ids], 0.4, label="before", color="#4c72b0")
+    ax.bar(x + 0.2, [after.get(i, 0.0) for i in ids], 0.4, label="after", color="#dd8452")
+    ax.set_xticks(x, [repr(names[i]) for i in ids], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("probability (0 = outside that top-k)")
+    ax.set_title(f"Ablating {', '.join(s.label for s in r.sites)} ({r.mode}); KL = {r.kl:.3f}", fontsize=9)
+    ax.legend()
+    return _save(fig)
+
+
+def heads_map(h: HeadClassification) -> bytes:
+    """One layers x heads map per role score."""
+    plt = _plt()
+    roles = list(h.scores)
+    n_layers, n_heads = h.scores[roles[0]].shape
+    fig, axes = plt.subplots(1, len(roles), figsize=(1.2 + len(roles) * (0.9 + 0.32 * n_heads), 1.2 + 0.24 * n_layers), squeeze=False)
+    for ax, role in zip(axes[0], roles):
+        im = ax.imshow(h.scores[role], cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(role.replace("_", " "), fontsize=9)
+        ax.set_xticks(range(n_heads), [str(i) for i in range(n_heads)], fontsize=6)
+        ax.set_yticks(range(n_layers), [f"L{i}" for i in range(n_layers)], fontsize=6)
+        for layer, row in enumerate(h.labels):
+            for head, label in enumerate(row):
+                if label == role:
+                    ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1))
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score (red box: the head's label)")
+    return _save(fig)

@@ -1,0 +1,142 @@
+"""Head classification from attention patterns: previous-token, duplicate-token, induction, BOS.
+
+Each score is the attention a head pays to the positions its role predicts, averaged over the
+query positions where that role has a prediction (so a perfect head scores 1):
+
+- previous token: query q attends to q-1;
+- duplicate token: q attends to earlier positions holding the same token;
+- induction: q attends to the position *after* an earlier occurrence of its token (Olsson et al.
+  2022), measured on repeated random token sequences ``[r_1..r_n, r_1..r_n]``;
+- bos: q >= 1 attends to position 0 (the BOS token or attention sink).
+
+TransformerLens's ``detect_head(error_measure="mul")`` divides the same attention mass by *every*
+query row instead, so ``tl_score = score * rows_with_a_prediction / seq_len``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hexray.analysis.results import HEAD_ROLES, HeadClassification, HeadRole
+from hexray.errors import HexRayError
+from hexray.models.loading import LoadedModel
+from hexray.tracing import sites
+from hexray.tracing.engine import tokenize_prompt
+
+DEFAULT_TEXT = (
+    "The cat sat on the mat. The dog sat on the rug. When the cat saw the dog, the cat ran up the tree, "
+    "and the dog barked at the cat until the owner called the dog home."
+)
+
+
+def detection_patterns(tokens: torch.Tensor) -> dict[HeadRole, torch.Tensor]:
+    """For token ids [pos], each role's target pattern [q, k] (1 where the role attends)."""
+    n = tokens.shape[0]
+    same = (tokens[:, None] == tokens[None, :]) & torch.ones(n, n, dtype=torch.bool).tril(-1)  # earlier, same token
+    induction = torch.zeros(n, n, dtype=torch.bool)
+    induction[:, 1:] = same[:, :-1]  # the token after an earlier copy
+    induction &= torch.ones(n, n, dtype=torch.bool).tril()
+    previous = torch.zeros(n, n, dtype=torch.bool)
+    previous[1:, :-1] = torch.eye(n - 1, dtype=torch.bool)
+    bos = torch.zeros(n, n, dtype=torch.bool)
+    bos[1:, 0] = True
+    return {"previous_token": previous, "duplicate_token": same, "induction": induction, "bos": bos}
+
+
+def role_scores(patterns: torch.Tensor, detection: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean attention on ``detection`` over query rows that have a target.
+
+    patterns: [..., q, k]; detection: [q, k] bool. Returns (scores [...], number of such rows).
+    """
+    rows = detection.any(-1)
+    n_rows = int(rows.sum())
+    if n_rows == 0:
+        return torch.full(patterns.shape[:-2], float("nan")), 0
+    mass = (patterns * detection).sum(-1)  # [..., q]
+    return mass[..., rows].mean(-1), n_rows
+
+
+def _patterns(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Attention patterns of every layer for token ids [batch, pos]: [batch, layers, heads, q, k]."""
+    names = {sites.attn_pattern(layer) for layer in range(model.spec.n_layers)}
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in names)
+    return torch.stack([cache[sites.attn_pattern(layer)] for layer in range(model.spec.n_layers)], dim=1).float()
+
+
+def repeated_random_tokens(model: LoadedModel, *, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
+    """[n_sequences, 2 * seq_len] ids: random ordinary tokens, each sequence repeated once."""
+    special = set(model.tokenizer.all_special_ids or [])
+    low = max(special) + 1 if special and max(special) < model.spec.d_vocab // 2 else 0
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(low, model.spec.d_vocab, (n_sequences, seq_len), generator=gen)
+    return torch.cat([half, half], dim=1)
+
+
+def classify_heads(
+    model: LoadedModel,
+    prompt: str | None = None,
+    *,
+    threshold: float = 0.4,
+    seq_len: int = 25,
+    n_sequences: int = 4,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+) -> HeadClassification:
+    """Score every head for each role and label it with its strongest role above ``threshold``.
+
+    Previous-token, duplicate-token and BOS scores come from ``prompt`` (default: a short text with
+    repeated words); induction always comes from ``n_sequences`` repeated random sequences.
+    """
+    if not 0 <= threshold <= 1:
+        raise HexRayError(f"--threshold must be between 0 and 1, got {threshold}")
+    if seq_len < 2 or 2 * seq_len > model.spec.n_ctx:
+        raise HexRayError(f"--seq-len must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}")
+    if n_sequences <= 0:
+        raise HexRayError(f"--sequences must be positive, got {n_sequences}")
+    text = DEFAULT_TEXT if prompt is None else prompt
+    ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
+    if len(ids) < 2:
+        raise HexRayError("the prompt needs at least 2 tokens to score heads", hint="give a longer --prompt")
+    tokens = torch.tensor(ids)
+    prompt_patterns = _patterns(model, tokens[None])[0]  # [layers, heads, q, k]
+    detection = detection_patterns(tokens)
+    scores: dict[str, np.ndarray] = {}
+    for role in ("previous_token", "duplicate_token", "bos"):
+        s, _ = role_scores(prompt_patterns, detection[role])
+        scores[role] = s.numpy()
+    random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
+    random_patterns = _patterns(model, random_ids)  # [seqs, layers, heads, q, k]
+    per_seq = [role_scores(random_patterns[i], detection_patterns(random_ids[i])["induction"])[0] for i in range(n_sequences)]
+    scores["induction"] = torch.stack(per_seq).mean(0).numpy()
+    labels = _labels(scores, threshold)
+    return HeadClassification(
+        model=model.name,
+        prompt=text,
+        tokens=tuple(model.token_strs(ids)),
+        threshold=threshold,
+        seq_len=seq_len,
+        n_sequences=n_sequences,
+        seed=seed,
+        scores={r: scores[r] for r in HEAD_ROLES},
+        labels=labels,
+    )
+
+
+def _labels(scores: dict[str, np.ndarray], threshold: float) -> tuple[tuple[str | None, ...], ...]:
+    """Per head, its strongest role reaching ``threshold``.
+
+    BOS attention is where idle heads rest, so ``bos`` labels only heads with no other role.
+    """
+    specific = [r for r in HEAD_ROLES if r != "bos"]
+    stacked = np.stack([np.nan_to_num(scores[r], nan=-1.0) for r in specific])  # [roles, layers, heads]
+    best, best_score = stacked.argmax(0), stacked.max(0)
+    bos = np.nan_to_num(scores["bos"], nan=-1.0)
+
+    def label(layer: int, head: int) -> str | None:
+        if best_score[layer, head] >= threshold:
+            return specific[best[layer, head]]
+        return "bos" if bos[layer, head] >= threshold else None
+
+    return tuple(tuple(label(layer, head) for head in range(best.shape[1])) for layer in range(best.shape[0]))

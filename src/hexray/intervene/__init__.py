@@ -1,0 +1,1 @@
+"""Causal interventions: ablation and activation patching, batched."""

@@ -1,0 +1,226 @@
+"""Ablation: knock out heads, attention/MLP layers, neurons or residual-stream positions and compare
+the next-token distribution before and after.
+
+- ``zero``: the activation becomes 0.
+- ``mean``: the activation becomes its mean over every token of a reference set of prompts.
+- ``resample``: the activation at each position comes from a randomly drawn reference prompt at
+  the same position (a prompt long enough is drawn; past the longest one, any reference token);
+  ``samples`` draws run as one batch and their probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from hexray.analysis.lens import lens_logits
+from hexray.analysis.results import TokenScore
+from hexray.errors import HexRayError
+from hexray.intervene.batched import Edit, run_variants
+from hexray.intervene.results import ABLATION_MODES, AblationMode, AblationResult, Distribution, Site
+from hexray.models.loading import LoadedModel, ModelSpec
+from hexray.tracing import sites
+from hexray.tracing.engine import resolve_position, run_trace
+from hexray.tracing.sites import COMPONENT_FORMS, parse_component
+
+
+def default_reference_prompts() -> list[str]:
+    """The built-in reference set: varied everyday English, one prompt a line."""
+    text = resources.files("hexray.intervene").joinpath("reference_prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_reference_prompts(path: str | Path) -> list[str]:
+    """One prompt a line from ``path``; blank lines are skipped."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HexRayError(f"--reference {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HexRayError(f"--reference {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise HexRayError(f"--reference {path} has no prompts", hint="give one prompt a line")
+    return prompts
+
+
+def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
+    """``"L9H6,MLP10,L10N1234@3,RESID12@-1"`` -> sites; ``@P`` limits a site to one position."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise HexRayError("no components given", hint=f"use {COMPONENT_FORMS}; add @P for one position, e.g. L9H6@-1")
+    out = []
+    for part in parts:
+        name, _, pos = part.partition("@")
+        component = parse_component(name, spec)
+        if component.kind in ("embed", "bias"):
+            raise HexRayError(f"{part}: {component.kind} cannot be ablated", hint="ablate RESID0 for the embeddings")
+        if component.kind == "resid" and component.layer == spec.n_layers:
+            raise HexRayError(f"{part}: the final residual stream is the output", hint=f"use RESID0..RESID{spec.n_layers - 1}")
+        position = None
+        if pos:
+            try:
+                position = int(pos)
+            except ValueError:
+                raise HexRayError(f"{part}: position {pos!r} is not a number", hint="write e.g. L9H6@3 or L9H6@-1") from None
+        out.append(Site(component, position))
+    return tuple(out)
+
+
+def _hook(site: Site) -> str:
+    c = site.component
+    return {
+        "head": sites.head_z,
+        "attn": sites.attn_out,
+        "mlp": sites.mlp_out,
+        "neuron": sites.mlp_post,
+        "resid": sites.resid_pre,
+    }[c.kind](c.layer)
+
+
+def _mask(site: Site, shape: torch.Size, position: int | None) -> torch.Tensor:
+    """Where ``site`` lives in an activation of ``shape`` ([pos, ...])."""
+    c = site.component
+    rows = slice(None) if position is None else slice(position, position + 1)
+    if c.kind == "head":
+        mask = torch.zeros(shape[0], shape[1], 1, dtype=torch.bool)
+        mask[rows, c.head] = True
+    elif c.kind == "neuron":
+        mask = torch.zeros(shape[0], shape[1], dtype=torch.bool)
+        mask[rows, c.neuron] = True
+    else:
+        mask = torch.zeros(shape[0], 1, dtype=torch.bool)
+        mask[rows] = True
+    return mask
+
+
+def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str]) -> list[dict[str, torch.Tensor]]:
+    """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt.
+
+    One right-padded batch: attention is causal, so padding never reaches a real token.
+    """
+    ids = [model.encode(p) for p in prompts]
+    ids = [i[: model.spec.n_ctx] for i in ids if i]
+    width = max(len(i) for i in ids)
+    batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in ids])
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in hooks)
+    return [{h: cache[h][row, : len(i)] for h in hooks} for row, i in enumerate(ids)]
+
+
+def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor, target: int, contrast: int | None, k: int) -> Distribution:
+    """``logits``/``probs``: [d_vocab] at one position (probs may be an average over samples)."""
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]))
+
+    def score(i: int) -> TokenScore:
+        return TokenScore(model.token_str(i), int(i), float(logits[i]), float(probs[i]))
+
+    return Distribution(
+        top=tuple(score(int(i)) for i in top_i),
+        target=score(target),
+        contrast=score(contrast) if contrast is not None else None,
+        logit_diff=float(logits[target] - logits[contrast]) if contrast is not None else None,
+    )
+
+
+def ablate(
+    model: LoadedModel,
+    prompt: str,
+    components: str | Sequence[Site],
+    *,
+    mode: AblationMode = "zero",
+    reference: Sequence[str] | None = None,
+    samples: int = 8,
+    seed: int = 0,
+    target: str | None = None,
+    contrast: str | None = None,
+    token_index: int = -1,
+    k: int = 10,
+    prepend_bos: bool | None = None,
+) -> AblationResult:
+    """The distribution at ``token_index`` before and after ablating ``components`` together."""
+    if mode not in ABLATION_MODES:
+        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
+    if k <= 0:
+        raise HexRayError(f"--top-k must be positive, got {k}")
+    if samples <= 0:
+        raise HexRayError(f"--samples must be positive, got {samples}")
+    chosen = parse_sites(components, model.spec) if isinstance(components, str) else tuple(components)
+    if reference is not None and not [p for p in reference if p.strip()]:
+        raise HexRayError("the reference set is empty", hint="give one prompt a line")
+    target_id = model.single_token(target, role="target") if target is not None else None
+    contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
+
+    hooks = {_hook(s) for s in chosen}
+    trace = run_trace(model, prompt, hooks, prepend_bos=prepend_bos)
+    n = trace.n_tokens
+    position = resolve_position(token_index, n)
+    sites_at = []
+    for s in chosen:
+        p = None
+        if s.position is not None:
+            try:
+                p = resolve_position(s.position, n)
+            except HexRayError:
+                raise HexRayError(f"{s.label}: position {s.position} is out of range for a prompt of {n} tokens",
+                                  hint=f"use 0..{n - 1}, or -1..-{n} from the end") from None
+        sites_at.append((s, p))
+
+    refs = [] if mode == "zero" else [p for p in (reference or default_reference_prompts()) if p.strip()]
+    n_draws = samples if mode == "resample" else 1
+    variants: list[list[Edit]] = [[] for _ in range(n_draws)]
+    ref_acts = _reference_acts(model, refs, hooks) if refs else []
+    gen = torch.Generator().manual_seed(seed)
+    for site, p in sites_at:
+        hook = _hook(site)
+        shape = trace.acts[hook].shape
+        mask = _mask(site, shape, p)
+        if mode == "zero":
+            values = [torch.zeros(shape)]
+        elif mode == "mean":
+            values = [torch.cat([a[hook] for a in ref_acts]).mean(0, keepdim=True).expand(shape)]
+        else:
+            values = [_resample(ref_acts, hook, shape, gen) for _ in range(n_draws)]
+        for d in range(n_draws):
+            variants[d].append(Edit(hook, mask, values[min(d, len(values) - 1)]))
+
+    final = run_variants(model, trace.token_ids, [tuple(v) for v in variants], read_position=position)
+    after_logits = lens_logits(model, final).float()  # [draws, vocab]
+    before_logits = trace.logits[position]
+    before_probs = torch.softmax(before_logits.double(), -1)
+    after_probs = torch.softmax(after_logits.double(), -1).mean(0)
+    if target_id is None:
+        target_id = int(before_logits.argmax())
+    kl = float((before_probs * (before_probs.clamp_min(1e-300).log() - after_probs.clamp_min(1e-300).log())).sum())
+    return AblationResult(
+        model=model.name,
+        prompt=prompt,
+        tokens=trace.tokens,
+        token_ids=trace.token_ids,
+        position=position,
+        sites=tuple(s for s, _ in sites_at),
+        mode=mode,
+        n_reference=len(refs),
+        samples=n_draws,
+        before=_distribution(model, before_logits, before_probs, target_id, contrast_id, k),
+        after=_distribution(model, after_logits.mean(0), after_probs, target_id, contrast_id, k),
+        kl=max(kl, 0.0),
+    )
+
+
+def _resample(ref_acts: list[dict[str, torch.Tensor]], hook: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Per position, the activation of a random reference prompt long enough to have that position."""
+    out = torch.empty(shape)
+    pool = torch.cat([a[hook] for a in ref_acts])
+    for pos in range(shape[0]):
+        long_enough = [a[hook] for a in ref_acts if a[hook].shape[0] > pos]
+        if long_enough:
+            pick = long_enough[int(torch.randint(len(long_enough), (1,), generator=gen))]
+            out[pos] = pick[pos]
+        else:
+            out[pos] = pool[int(torch.randint(pool.shape[0], (1,), generator=gen))]
+    return out

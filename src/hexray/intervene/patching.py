@@ -1,0 +1,323 @@
+"""Activation patching, exact (batched) and by attribution (one backward pass).
+
+The metric is the logit difference ``logit(target) - logit(contrast)`` at the last position,
+normalised so that 1 is the clean prompt's value and 0 the corrupt prompt's::
+
+    score = (patched - corrupt) / (clean - corrupt)
+
+*Exact* patching copies one site's clean activation into the corrupt run and measures the metric
+(every site of a sweep in a few batched forward passes, see :mod:`hexray.intervene.batched`).
+*Attribution* patching estimates the same number to first order from one forward and one backward
+pass on the corrupt prompt: ``(clean_act - corrupt_act) . d metric / d act``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from hexray.analysis.attribution import logit_direction, token_score
+from hexray.errors import HexRayError
+from hexray.intervene.batched import Edit, run_variants
+from hexray.intervene.results import METHODS, SWEEPS, Method, PatchingResult, PatchScore, Site, Sweep
+from hexray.models.loading import LoadedModel, ModelSpec
+from hexray.tracing import sites
+from hexray.tracing.engine import run_trace, tokenize_prompt
+from hexray.tracing.sites import Component
+
+DEFAULT_SWEEPS: dict[str, tuple[Sweep, ...]] = {
+    "exact": ("heads", "resid"),
+    "both": ("heads", "resid"),
+    "attribution": ("heads", "resid", "attn", "mlp", "neurons"),
+}
+_PER_POSITION = {"heads-pos", "resid", "attn", "mlp"}
+
+
+def sweep_hook(sweep: Sweep, layer: int) -> str:
+    """The hook a sweep patches at ``layer``."""
+    return {
+        "heads": sites.head_z,
+        "heads-pos": sites.head_z,
+        "resid": sites.resid_pre,
+        "attn": sites.attn_out,
+        "mlp": sites.mlp_out,
+        "neurons": sites.mlp_post,
+    }[sweep](layer)
+
+
+def parse_sweeps(text: str | Iterable[str] | None, method: str) -> tuple[Sweep, ...]:
+    """``"heads,resid"`` (or ``"all"``) -> sweep names, checked against ``method``."""
+    if method not in METHODS:
+        raise HexRayError(f"unknown --method {method!r}", hint="use exact, attribution or both")
+    if text is None:
+        return DEFAULT_SWEEPS[method]
+    parts = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if parts == ["all"]:
+        return tuple(s for s in SWEEPS if method == "attribution" or s != "neurons")  # type: ignore[misc]
+    if not parts:
+        raise HexRayError("--sweep is empty", hint=f"use some of {', '.join(SWEEPS)}, or all")
+    for p in parts:
+        if p not in SWEEPS:
+            raise HexRayError(f"unknown sweep {p!r}", hint=f"use some of {', '.join(SWEEPS)}, or all")
+    if "neurons" in parts and method != "attribution":
+        raise HexRayError(
+            "the neurons sweep is attribution-only (one exact forward pass per neuron would be tens of thousands)",
+            hint="use --method attribution, or drop neurons from --sweep",
+        )
+    return tuple(dict.fromkeys(parts))  # type: ignore[arg-type]
+
+
+def sweep_sites(spec: ModelSpec, sweep: Sweep, positions: Sequence[int] | None) -> list[Site]:
+    """Every site of ``sweep``. ``positions``: where per-position sweeps patch (None = each one)."""
+    out: list[Site] = []
+    for layer in range(spec.n_layers):
+        if sweep == "heads":
+            out += [Site(Component("head", layer, head=h), positions[0] if positions and len(positions) == 1 else None) for h in range(spec.n_heads)]
+        elif sweep == "heads-pos":
+            out += [Site(Component("head", layer, head=h), p) for h in range(spec.n_heads) for p in positions]
+        elif sweep == "neurons":
+            out += [Site(Component("neuron", layer, neuron=n)) for n in range(spec.d_mlp)]
+        else:
+            kind = {"resid": "resid", "attn": "attn", "mlp": "mlp"}[sweep]
+            out += [Site(Component(kind, layer), p) for p in positions]  # type: ignore[arg-type]
+    return out
+
+
+def site_edit(site: Site, hook: str, source: torch.Tensor, n_tokens: int) -> Edit:
+    """Copy ``source`` (aligned to the base prompt's positions) into the base run at ``site``."""
+    c = site.component
+    rows = slice(None) if site.position is None else slice(site.position, site.position + 1)
+    if c.kind == "head":
+        mask = torch.zeros(n_tokens, source.shape[1], 1, dtype=torch.bool)
+        mask[rows, c.head] = True
+    elif c.kind == "neuron":
+        mask = torch.zeros(n_tokens, source.shape[1], dtype=torch.bool)
+        mask[rows, c.neuron] = True
+    else:
+        mask = torch.zeros(n_tokens, 1, dtype=torch.bool)
+        mask[rows] = True
+    return Edit(hook, mask, source)
+
+
+def _aligned(source: torch.Tensor, base_len: int) -> torch.Tensor:
+    """``source`` [src_pos, ...] on the base prompt's positions; unequal lengths align the last token."""
+    if source.shape[0] == base_len:
+        return source
+    out = torch.zeros((base_len, *source.shape[1:]), dtype=source.dtype)
+    out[-1] = source[-1]
+    return out
+
+
+def _metric(model: LoadedModel, final_resid: torch.Tensor, target: int, contrast: int) -> torch.Tensor:
+    """logit(target) - logit(contrast) from the final residual stream [n, d_model] -> [n]."""
+    u, const = logit_direction(model, target, contrast)
+    with torch.inference_mode():
+        normed = model.bridge.ln_final.original_component(final_resid)
+    return normed.float() @ u + const
+
+
+def exact_patching_values(
+    model: LoadedModel,
+    base_ids: Sequence[int],
+    source_acts: dict[str, torch.Tensor],
+    site_sweeps: Sequence[tuple[Site, Sweep]],
+    *,
+    target: int,
+    contrast: int,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The raw metric after patching each site's ``source_acts`` into the base run: [n_sites]."""
+    n_tokens = len(base_ids)
+    aligned: dict[str, torch.Tensor] = {}
+    variants = []
+    for site, sweep in site_sweeps:
+        hook = sweep_hook(sweep, site.component.layer)
+        if hook not in aligned:
+            aligned[hook] = _aligned(source_acts[hook], n_tokens)
+        variants.append((site_edit(site, hook, aligned[hook], n_tokens),))
+    final = run_variants(model, base_ids, variants, batch_size=batch_size, progress=progress)
+    return _metric(model, final, target, contrast)
+
+
+def metric_gradients(
+    model: LoadedModel, token_ids: Sequence[int], hooks: Iterable[str], *, target: int, contrast: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward and one backward pass: (logits [pos, vocab], activations, d metric / d activation).
+
+    Activations and gradients are at ``hooks``, without the batch dimension.
+    """
+    wanted = sorted(set(hooks))
+    acts: dict[str, torch.Tensor] = {}
+    first = sites.resid_pre(0)
+
+    def keeper(name: str):
+        def keep(x: torch.Tensor, hook) -> torch.Tensor:
+            if name == first:  # a leaf: gradients flow to the activations, never to the weights
+                x = x.detach().requires_grad_(True)
+            acts[name] = x
+            return x  # returned, so the stored tensor is the one the model goes on with
+
+        return keep
+
+    with torch.enable_grad():
+        tokens = torch.tensor([list(token_ids)])
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})], use_cache=False)
+        value = logits[0, -1, target] - logits[0, -1, contrast]
+        grads = torch.autograd.grad(value, [acts[n] for n in wanted])
+    return (
+        logits[0].detach().float(),
+        {n: acts[n][0].detach() for n in wanted},
+        {n: g[0].detach() for n, g in zip(wanted, grads)},
+    )
+
+
+def attribution_scores(site_sweeps: Sequence[tuple[Site, Sweep]], delta_grad: dict[str, torch.Tensor]) -> torch.Tensor:
+    """First-order patch effect of each site from ``(clean - corrupt) * grad`` per hook: [n_sites]."""
+    out = torch.empty(len(site_sweeps))
+    reduced: dict[tuple[str, str], torch.Tensor] = {}
+    for i, (site, sweep) in enumerate(site_sweeps):
+        c = site.component
+        hook = sweep_hook(sweep, c.layer)
+        dg = delta_grad[hook]
+        if c.kind == "head":  # dg: [pos, n_heads, d_head]
+            per = reduced.setdefault((hook, "head"), dg.sum(-1))  # [pos, n_heads]
+            out[i] = per[:, c.head].sum() if site.position is None else per[site.position, c.head]
+        elif c.kind == "neuron":  # [pos, d_mlp]
+            per = reduced.setdefault((hook, "neuron"), dg.sum(0))
+            out[i] = per[c.neuron]
+        else:  # [pos, d_model]
+            per = reduced.setdefault((hook, "pos"), dg.sum(-1))
+            out[i] = per.sum() if site.position is None else per[site.position]
+    return out
+
+
+def activation_patching(
+    model: LoadedModel,
+    clean: str,
+    corrupt: str,
+    *,
+    target: str | None = None,
+    contrast: str | None = None,
+    sweeps: str | Iterable[str] | None = None,
+    method: Method = "exact",
+    last_position_only: bool = False,
+    batch_size: int | None = None,
+    prepend_bos: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PatchingResult:
+    """Patch clean activations into the corrupt run, site by site, for every site of ``sweeps``.
+
+    ``target``/``contrast`` default to the clean and the corrupt prompt's predictions.
+    ``last_position_only`` patches only the final token, so the prompts may differ in length.
+    """
+    chosen = parse_sweeps(sweeps, method)
+    if batch_size is not None and batch_size <= 0:
+        raise HexRayError(f"--batch-size must be positive, got {batch_size}")
+    clean_ids, _ = tokenize_prompt(model, clean, prepend_bos=prepend_bos)
+    corrupt_ids, _ = tokenize_prompt(model, corrupt, prepend_bos=prepend_bos)
+    if len(clean_ids) != len(corrupt_ids) and not last_position_only:
+        raise HexRayError(
+            f"the clean prompt is {len(clean_ids)} tokens and the corrupt prompt {len(corrupt_ids)}; "
+            "patching position by position needs equal lengths",
+            hint="make the prompts the same length in tokens, or pass --last-position to patch only the final token",
+        )
+    target_id = model.single_token(target, role="target") if target is not None else None
+    contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
+
+    hooks = {sweep_hook(s, layer) for s in chosen for layer in range(model.spec.n_layers)}
+    clean_trace = run_trace(model, clean, hooks, prepend_bos=prepend_bos)
+    if target_id is None:
+        target_id = int(clean_trace.logits[-1].argmax())
+    corrupt_logits = None
+    if contrast_id is None or method == "exact":
+        corrupt_logits = run_trace(model, corrupt, (), prepend_bos=prepend_bos).logits
+    if contrast_id is None:
+        contrast_id = int(corrupt_logits[-1].argmax())
+        if contrast_id == target_id:
+            raise HexRayError(
+                f"the clean and corrupt prompts both predict {model.token_str(target_id)!r}",
+                hint="pass --target and --contrast, e.g. --target ' Mary' --contrast ' John'",
+            )
+    corrupt_acts = grads = None
+    if method != "exact":  # attribution's forward pass on the corrupt prompt also gives its logits
+        corrupt_logits, corrupt_acts, grads = metric_gradients(model, corrupt_ids, hooks, target=target_id, contrast=contrast_id)
+    if contrast_id == target_id:
+        raise HexRayError("--target and --contrast are the same token", hint="the metric is logit(target) - logit(contrast)")
+
+    def diff(logits: torch.Tensor) -> float:
+        return float(logits[-1, target_id] - logits[-1, contrast_id])
+
+    clean_value, corrupt_value = diff(clean_trace.logits), diff(corrupt_logits)
+    span = clean_value - corrupt_value
+    if abs(span) < 1e-6:
+        raise HexRayError(
+            f"the clean and corrupt prompts give the same logit difference ({clean_value:.4f}); there is nothing to restore",
+            hint="choose prompts (or --target/--contrast) where the behaviour differs",
+        )
+    n = len(corrupt_ids)
+    positions = [n - 1] if last_position_only else list(range(n))
+    site_sweeps = [(site, s) for s in chosen for site in sweep_sites(model.spec, s, positions if s in _PER_POSITION or last_position_only else None)]
+
+    exact = attrib = None
+    if method in ("exact", "both"):
+        measured = [(site, s) for site, s in site_sweeps if s != "neurons"]
+        raw = exact_patching_values(
+            model, corrupt_ids, clean_trace.acts, measured,
+            target=target_id, contrast=contrast_id, batch_size=batch_size, progress=progress,
+        )
+        exact = ((raw - corrupt_value) / span).tolist()
+    if method in ("attribution", "both"):
+        keep_last = torch.zeros(n, dtype=torch.bool)
+        keep_last[-1] = True
+        delta_grad = {}
+        for hook in hooks:
+            delta = _aligned(clean_trace.acts[hook], n) - corrupt_acts[hook]
+            if last_position_only:
+                delta = delta * keep_last.view(-1, *([1] * (delta.dim() - 1)))
+            delta_grad[hook] = delta * grads[hook]
+        attrib = (attribution_scores(site_sweeps, delta_grad) / span).tolist()
+
+    results = []
+    for i, (site, s) in enumerate(site_sweeps):
+        a = attrib[i] if attrib is not None else None
+        e = exact[i] if exact is not None else None
+        results.append(PatchScore(site=site, sweep=s, score=e if e is not None else a, attribution=a if method == "both" else None))
+    correlation = _correlations(results, chosen) if method == "both" else None
+    return PatchingResult(
+        model=model.name,
+        clean_prompt=clean,
+        corrupt_prompt=corrupt,
+        clean_tokens=clean_trace.tokens,
+        corrupt_tokens=tuple(model.token_strs(corrupt_ids)),
+        clean_token_ids=clean_trace.token_ids,
+        corrupt_token_ids=tuple(corrupt_ids),
+        target=token_score(model, clean_trace.logits[-1], target_id),
+        contrast=token_score(model, clean_trace.logits[-1], contrast_id),
+        clean_value=clean_value,
+        corrupt_value=corrupt_value,
+        method=method,
+        sweeps=chosen,
+        last_position_only=last_position_only,
+        results=tuple(results),
+        correlation=correlation,
+    )
+
+
+def _correlations(results: Sequence[PatchScore], chosen: Sequence[str]) -> dict[str, float | None]:
+    """Pearson correlation of exact and attribution scores, per sweep and over all sites."""
+
+    def pearson(rows: Sequence[PatchScore]) -> float | None:
+        if len(rows) < 2:
+            return None
+        x = np.array([r.score for r in rows])
+        y = np.array([r.attribution for r in rows])
+        if x.std() == 0 or y.std() == 0:
+            return None
+        return float(np.corrcoef(x, y)[0, 1])
+
+    out = {s: pearson([r for r in results if r.sweep == s]) for s in chosen}
+    out["all"] = pearson(results)
+    return out

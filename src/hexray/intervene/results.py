@@ -1,0 +1,127 @@
+"""The frozen results of the causal tools; renderers, ``--json`` and the server consume these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from hexray.analysis.results import TokenScore
+from hexray.tracing.sites import Component
+
+Sweep = Literal["heads", "heads-pos", "resid", "attn", "mlp", "neurons"]
+SWEEPS: tuple[str, ...] = ("heads", "heads-pos", "resid", "attn", "mlp", "neurons")
+Method = Literal["exact", "attribution", "both"]
+METHODS: tuple[str, ...] = ("exact", "attribution", "both")
+AblationMode = Literal["zero", "mean", "resample"]
+ABLATION_MODES: tuple[str, ...] = ("zero", "mean", "resample")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A component at one position (``position=None``: at every position)."""
+
+    component: Component
+    position: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.position is None else f"{self.name}@{self.position}"
+
+
+@dataclass(frozen=True)
+class PatchScore:
+    """One patched site. ``score`` is normalised: 1 = clean behaviour, 0 = corrupt behaviour."""
+
+    site: Site
+    sweep: Sweep
+    score: float  # exact when measured, else the attribution estimate
+    attribution: float | None = None  # the gradient estimate, with method="both"
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    model: str
+    clean_prompt: str
+    corrupt_prompt: str
+    clean_tokens: tuple[str, ...]
+    corrupt_tokens: tuple[str, ...]
+    clean_token_ids: tuple[int, ...]
+    corrupt_token_ids: tuple[int, ...]
+    target: TokenScore  # on the clean prompt
+    contrast: TokenScore
+    clean_value: float  # logit(target) - logit(contrast) on the clean prompt
+    corrupt_value: float
+    method: Method
+    sweeps: tuple[Sweep, ...]
+    last_position_only: bool
+    results: tuple[PatchScore, ...]  # in sweep order, then layer, head, position
+    correlation: dict[str, float | None] | None = None  # per sweep (and "all"), exact vs attribution
+
+    metric: str = "logit_diff"
+
+    def top(self, k: int, sweep: str | None = None) -> tuple[PatchScore, ...]:
+        rows = [r for r in self.results if sweep is None or r.sweep == sweep]
+        return tuple(sorted(rows, key=lambda r: -abs(r.score))[:k])
+
+    def of(self, sweep: str) -> tuple[PatchScore, ...]:
+        return tuple(r for r in self.results if r.sweep == sweep)
+
+    def grid(self, sweep: str, *, attribution: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+        """A sweep's scores as a heatmap: (values [rows, cols], row labels, column labels).
+
+        heads: layers x heads; heads-pos: heads x positions; resid/attn/mlp: layers x positions;
+        neurons: layers x neurons. Missing cells are NaN.
+        """
+        rows = self.of(sweep)
+        def row_key(r: PatchScore) -> str:
+            c = r.site.component
+            return f"L{c.layer}H{c.head}" if sweep == "heads-pos" else f"L{c.layer}"
+        def col_key(r: PatchScore):
+            c = r.site.component
+            return {"heads": c.head, "neurons": c.neuron}.get(sweep, r.site.position)
+        row_labels = list(dict.fromkeys(row_key(r) for r in rows))
+        cols = sorted({col_key(r) for r in rows}, key=lambda v: -1 if v is None else v)
+        values = np.full((len(row_labels), len(cols)), np.nan)
+        ri, ci = {k: i for i, k in enumerate(row_labels)}, {k: i for i, k in enumerate(cols)}
+        for r in rows:
+            values[ri[row_key(r)], ci[col_key(r)]] = r.attribution if attribution else r.score
+        tokens = self.corrupt_tokens
+        if sweep == "heads":
+            col_labels = [f"H{c}" for c in cols]
+        elif sweep == "neurons":
+            col_labels = [str(c) for c in cols]
+        else:
+            col_labels = ["all" if c is None else f"{c}:{tokens[c]!r}" for c in cols]
+        return values, row_labels, col_labels
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """The next-token distribution at one position."""
+
+    top: tuple[TokenScore, ...]
+    target: TokenScore
+    contrast: TokenScore | None
+    logit_diff: float | None  # logit(target) - logit(contrast)
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    model: str
+    prompt: str
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    position: int
+    sites: tuple[Site, ...]
+    mode: AblationMode
+    n_reference: int  # reference prompts behind mean/resample (0 for zero)
+    samples: int  # resample draws averaged
+    before: Distribution
+    after: Distribution
+    kl: float  # KL(before || after), nats
