@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from hexray.errors import HexRayError
 from hexray.models.loading import load_model
@@ -271,6 +272,69 @@ def heads_command(
 
     document = heads_document(result, loaded.spec)
     _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, top_k))
+
+
+@app.command("generate")
+def generate_command(
+    prompt: PromptOpt,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 48,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (default, reproducible); > 0 samples.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template to the prompt.")] = False,
+    text: Annotated[Optional[str], typer.Option("--text", help="Trace this continuation of the prompt instead of generating.")] = None,
+    granularity: Annotated[str, typer.Option(help="Components per token: layer | head | neuron.")] = "head",
+    top_k: TopKOpt = 3,
+    watch: Annotated[Optional[str], typer.Option("--watch", help="Components to watch at every token: L10N1234, L9H6, MLP10, ATTN9, RESID12.")] = None,
+    watch_threshold: Annotated[Optional[float], typer.Option("--watch-threshold", help="Mark tokens where a watched value reaches this (absolute value).")] = None,
+    cot_debug: Annotated[bool, typer.Option("--cot-debug", help="Per-step bar charts of the components over the generated steps.")] = False,
+    graph_threshold: Annotated[float, typer.Option("--graph-threshold", help="Keep a dependency edge when it is at least this share of the step's largest.")] = 0.1,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON lines: one per token, then a final {done: true, ...} line.")] = False,
+    report: ReportOpt = None,
+) -> None:
+    """Generate while tracing every token: what wrote it, which steps it drew on, watched components."""
+    from hexray.generation.tracer import GenerationOptions, TracedGeneration
+    from hexray.render.files import check_writable, generation_files, write_files
+    from hexray.render.console import render_generation_summary, token_line
+    from hexray.render.jsondoc import generation_done_doc, token_record_doc
+
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat, granularity=granularity,  # type: ignore[arg-type]
+        top_k=top_k, watch=tuple(p.strip() for p in (watch or "").split(",") if p.strip()), watch_threshold=watch_threshold,
+        text=text, graph_threshold=graph_threshold,
+    )
+    options.validate()
+    if report is not None:
+        check_writable(report)
+    loaded = _load(model, json_out)
+    run = TracedGeneration(loaded, prompt, options)
+    console = Console()
+    if not json_out:
+        console.print(Text.assemble(("Prompt ", "bold"), " ".join(repr(t) for t in loaded.token_strs(run.prompt_ids))))
+    interrupted = False
+    try:
+        for record in run:
+            if json_out:
+                sys.stdout.write(json.dumps(token_record_doc(record), allow_nan=False) + "\n")
+                sys.stdout.flush()
+            else:
+                console.print(token_line(record, top_k))
+    except KeyboardInterrupt:  # stop cleanly and keep what was generated
+        run.interrupted()
+        interrupted = True
+    result = run.result()
+    done = generation_done_doc(result)
+    if report is not None:
+        written = write_files(report, generation_files(result, done, top_k))
+        done["report_files"] = [str(p) for p in written]
+    if json_out:
+        sys.stdout.write(json.dumps(done, allow_nan=False) + "\n")
+    else:
+        render_generation_summary(result, console, top_k, bars=cot_debug)
+        if report is not None:
+            console.print(f"[green]Report written to {escape(str(report))}/[/]")
+    if interrupted:
+        raise typer.Exit(130)
 
 
 _PASSTHROUGH = {"--help", "-h", "--version"}

@@ -176,21 +176,21 @@ def metric_gradients(
 
 def attribution_scores(site_sweeps: Sequence[tuple[Site, Sweep]], delta_grad: dict[str, torch.Tensor]) -> torch.Tensor:
     """First-order patch effect of each site from ``(clean - corrupt) * grad`` per hook: [n_sites]."""
-    out = torch.empty(len(site_sweeps))
-    reduced: dict[tuple[str, str], torch.Tensor] = {}
+    groups: dict[str, tuple[str, list[int], list[int], list[int]]] = {}  # hook -> (kind, site index, unit, position)
     for i, (site, sweep) in enumerate(site_sweeps):
         c = site.component
-        hook = sweep_hook(sweep, c.layer)
+        kind, index, unit, position = groups.setdefault(sweep_hook(sweep, c.layer), (c.kind, [], [], []))
+        index.append(i)
+        unit.append(c.head if kind == "head" else c.neuron if kind == "neuron" else 0)
+        position.append(-1 if site.position is None else site.position)
+    out = torch.empty(len(site_sweeps))
+    for hook, (kind, index, unit, position) in groups.items():
         dg = delta_grad[hook]
-        if c.kind == "head":  # dg: [pos, n_heads, d_head]
-            per = reduced.setdefault((hook, "head"), dg.sum(-1))  # [pos, n_heads]
-            out[i] = per[:, c.head].sum() if site.position is None else per[site.position, c.head]
-        elif c.kind == "neuron":  # [pos, d_mlp]
-            per = reduced.setdefault((hook, "neuron"), dg.sum(0))
-            out[i] = per[c.neuron]
-        else:  # [pos, d_model]
-            per = reduced.setdefault((hook, "pos"), dg.sum(-1))
-            out[i] = per.sum() if site.position is None else per[site.position]
+        # per unit and position: hook_z [pos, n_heads, d_head] -> [pos, n_heads]; mlp_post is
+        # [pos, d_mlp] already; residual-stream sites [pos, d_model] -> [pos, 1]
+        per = dg.sum(-1) if kind == "head" else dg if kind == "neuron" else dg.sum(-1, keepdim=True)
+        everywhere = torch.cat([per, per.sum(0, keepdim=True)])  # row -1: every position at once
+        out[index] = everywhere[torch.tensor(position), torch.tensor(unit)]
     return out
 
 

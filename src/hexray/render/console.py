@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hexray.analysis.report import Report
+from hexray.generation.results import GenerationResult, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult
 from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, ComponentScore, LogitLens, ResidualTrace, StepAttribution, WeightView
 
@@ -246,3 +247,54 @@ def render_heads(h: HeadClassification, console: Console, k: int = 5) -> None:
         top.add_row(role, "  ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in h.top(role, k)))
     console.print(top)
     console.print(Text(f"previous/duplicate/BOS measured on {len(h.tokens)} prompt tokens; induction on {h.n_sequences} repeated random sequences of {h.seq_len} tokens (seed {h.seed})", style="dim"))
+
+
+# -- traced generation --------------------------------------------------------------------------
+def token_line(r: TokenRecord, k: int) -> Text:
+    """One streamed token: index, token, probability, top components, watched values."""
+    line = Text(f"{r.index:>4} ", style="dim")
+    line.append(f"{tok(r.token):<14}", style="bold")
+    line.append(f" p={r.prob:.3f}  ")
+    for c in r.top[:k]:
+        line.append(f"{c.component.label.replace('  ', ' ')} ", style="dim")
+        line.append(f"{c.score:+.2f}  ", style="green" if c.score >= 0 else "red")
+    for name, value in r.watch.items():
+        line.append(f" {name}={value:.3g}", style="bold yellow" if name in r.crossed else "cyan")
+    if r.crossed:
+        line.append("  ◀ " + ", ".join(r.crossed) + " fired", style="bold yellow")
+    return line
+
+
+def render_generation_summary(g: GenerationResult, console: Console, k: int, *, bars: bool) -> None:
+    stop = {"eos": "end of text", "max_new_tokens": "--max-new-tokens reached", "interrupted": "interrupted", "text_end": "end of --text"}[g.stop_reason]
+    console.print(Text(f"\n{len(g.generated_ids)} tokens ({stop}); steps split by {g.rule}", style="bold"))
+    console.print(Text(g.text))
+    if g.steps:
+        table = Table(title="What each step drew on (attention mass; logit moved by heads)", title_justify="left")
+        table.add_column("step")
+        for source in ("prompt", *(f"step {s.index}" for s in g.steps[:-1])):
+            table.add_column(source, justify="right")
+        table.add_column("top components (summed over the step)")
+        for s in g.steps:
+            cells = [f"{s.index}: {s.text[:40]}"]
+            by_source = {d.source: d for d in s.depends}
+            for source in ("prompt", *(f"step {x.index}" for x in g.steps[:-1])):
+                d = by_source.get(source)
+                cells.append("" if d is None else f"{d.attention:.2f}; {d.dla:+.1f}")
+            cells.append("  ".join(f"{c.component.name} {c.score:+.1f}" for c in s.top[:k]))
+            table.add_row(*cells)
+        console.print(table)
+    if bars and g.steps:
+        parts: list = [Text(f"Chain-of-thought attribution over the generated steps (summed direct attribution of each token to its own logit)", style="bold")]
+        for s in g.steps:
+            parts.append(Text(f"\nStep {s.index}: {s.text}", style="bold"))
+            total = sum(abs(c.score) for c in s.top) or 1.0
+            biggest = max((abs(c.score) for c in s.top), default=1.0) or 1.0
+            for c in s.top:
+                share = abs(c.score) / total
+                parts.append(Text(f"{c.component.label:<9}{'█' * max(1, round(BAR_WIDTH * abs(c.score) / biggest)):<{BAR_WIDTH + 1}} {'+' if c.score >= 0 else '-'}{100 * share:4.1f}%"))
+            if s.change:
+                parts.append(Text("  changed most since the previous step: " + ", ".join(f"{c.component.name} {c.score:+.1f}" for c in s.change[:3]), style="dim"))
+        console.print(Group(*parts))
+    if g.graph is not None and g.graph.edges:
+        console.print(Text("Reasoning graph: " + "; ".join(f"{e.source} -> {e.target} {e.weight:+.1f}" for e in g.graph.edges), style="dim"))

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from hexray.analysis.report import Report
 from hexray.analysis.results import HeadClassification
+from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
 from hexray.errors import HexRayError
 from hexray.render import plots
-from hexray.render.html import ablation_html, heads_html, patching_html, report_html
+from hexray.render.html import ablation_html, generation_html, heads_html, patching_html, report_html
 
 
 def check_writable(folder: str | Path, flag: str = "--report") -> Path:
@@ -110,3 +111,10 @@ def ablation_files(r: AblationResult, document: dict) -> dict[str, bytes]:
 
 def heads_files(h: HeadClassification, document: dict) -> dict[str, bytes]:
     return _with_page({"head_roles.png": plots.heads_map(h)}, document, lambda f: heads_html(h, f))
+
+
+def generation_files(g: GenerationResult, document: dict, k: int) -> dict[str, bytes]:
+    figs = {"reasoning_graph.png": plots.reasoning_graph_chart(g, "png"), "reasoning_graph.svg": plots.reasoning_graph_chart(g, "svg")}
+    if g.steps:
+        figs["cot_steps.png"] = plots.generation_steps_chart(g, k)
+    return _with_page(figs, document, lambda f: generation_html(g, f))

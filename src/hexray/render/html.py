@@ -7,6 +7,7 @@ from html import escape
 
 from hexray.analysis.report import Report
 from hexray.analysis.results import Attribution, HeadClassification
+from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
 
 _STYLE = """
@@ -143,3 +144,26 @@ def heads_html(h: HeadClassification, figures: dict[str, bytes]) -> str:
         f"<h2>Every head</h2><table><tr><th>head</th>{header}<th>label</th></tr>{rows}</table>",
     ]
     return _page(f"Head roles — {h.model}", parts)
+
+
+def generation_html(g: GenerationResult, figures: dict[str, bytes]) -> str:
+    rows = "".join(
+        f"<tr><td>{r.index}</td><td>{_tok(r.token)}</td><td>{r.prob:.3f}</td><td style='text-align:left'>"
+        + " ".join(f"{escape(c.component.name)} {c.score:+.2f}" for c in r.top)
+        + "</td><td style='text-align:left'>" + " ".join(f"{escape(k)}={v:.3g}" + (" &#9664;" if k in r.crossed else "") for k, v in r.watch.items()) + "</td></tr>"
+        for r in g.records
+    )
+    steps = "".join(
+        f"<h3>Step {s.index}: {escape(s.text)}</h3><p>Top components: " + ", ".join(f"{escape(c.component.name)} {c.score:+.2f}" for c in s.top)
+        + "</p><p>Drew on: " + ", ".join(f"{escape(d.source)} (attention {d.attention:.2f}, {d.dla:+.2f} logit)" for d in s.depends)
+        + "</p><p>Prompt tokens most drawn on: " + ", ".join(f"{_tok(t)}@{p} {v:+.2f}" for p, t, v in s.top_prompt_tokens) + "</p>"
+        for s in g.steps
+    )
+    parts = [
+        f"<p><b>Prompt</b> {escape(g.prompt)}{' (chat template applied)' if g.chat else ''}</p>",
+        f"<p><b>Generated</b> ({len(g.generated_ids)} tokens, stopped: {escape(g.stop_reason)})</p><pre>{escape(g.text)}</pre>",
+        f"<h2>Reasoning steps (split by {escape(g.rule)})</h2>{steps}",
+        *_figures(figures),
+        f"<h2>Every token</h2><table><tr><th>#</th><th>token</th><th>p</th><th>top components</th><th>watched</th></tr>{rows}</table>",
+    ]
+    return _page(f"Traced generation — {g.model}", parts)

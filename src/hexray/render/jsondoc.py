@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from hexray.analysis.report import Report
+from hexray.generation.results import GenerationResult, ReasoningGraph, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult, PatchScore
 from hexray.models.loading import ModelSpec
 from hexray.analysis.results import ArithmeticGraph, HeadClassification, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
@@ -214,3 +215,41 @@ def _arr(a: np.ndarray) -> list:
     if a.ndim == 0:
         return _num(a)  # type: ignore[return-value]
     return [_arr(row) if a.ndim > 1 else _num(v) for row, v in zip(a, a)]
+
+
+def token_record_doc(r: TokenRecord) -> dict:
+    """One line of ``hexray generate --json``."""
+    return {
+        "index": r.index, "token": r.token, "id": r.id, "prob": _num(r.prob), "logit": _num(r.logit), "position": r.position,
+        "top": [component_doc(c) for c in r.top], "watch": {k: _num(v) for k, v in r.watch.items()}, "crossed": list(r.crossed),
+    }
+
+
+def generation_steps_doc(g: GenerationResult) -> list[dict]:
+    return [
+        {
+            "index": s.index, "text": s.text, "char_span": list(s.char_span), "token_span": list(s.token_span),
+            "top": [component_doc(c) for c in s.top], "change": [component_doc(c) for c in s.change],
+            "depends": [{"source": d.source, "attention": _num(d.attention), "dla": _num(d.dla)} for d in s.depends],
+            "top_prompt_tokens": [{"position": p, "token": t, "dla": _num(v)} for p, t, v in s.top_prompt_tokens],
+        }
+        for s in g.steps
+    ]
+
+
+def graph_doc(graph: ReasoningGraph | None) -> dict | None:
+    if graph is None:
+        return None
+    return {
+        "nodes": list(graph.nodes), "threshold": graph.threshold,
+        "edges": [{"source": e.source, "target": e.target, "weight": _num(e.weight), "attention": _num(e.attention)} for e in graph.edges],
+    }
+
+
+def generation_done_doc(g: GenerationResult) -> dict:
+    """The last line of ``hexray generate --json``."""
+    return {
+        "done": True, "model": g.model, "stop_reason": g.stop_reason, "chat": g.chat,
+        "prompt_token_ids": list(g.prompt_token_ids), "generated_ids": list(g.generated_ids), "text": g.text,
+        "granularity": g.granularity, "rule": g.rule, "steps": generation_steps_doc(g), "graph": graph_doc(g.graph),
+    }

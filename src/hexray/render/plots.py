@@ -7,6 +7,7 @@ import io
 import numpy as np
 
 from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
 from hexray.models.loading import ModelSpec
 
@@ -254,4 +255,44 @@ def heads_map(h: HeadClassification) -> bytes:
                 if label == role:
                     ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1))
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score (red box: the head's label)")
+    return _save(fig)
+
+
+# -- traced generation --------------------------------------------------------------------------
+def reasoning_graph_chart(g: GenerationResult, fmt: str = "png") -> bytes:
+    """Prompt and steps left to right; arcs from each source to the step that drew on it."""
+    plt = _plt()
+    nodes = list(g.graph.nodes) if g.graph else ["prompt"]
+    x = {n: i for i, n in enumerate(nodes)}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(nodes)), 3.8))
+    edges = g.graph.edges if g.graph else ()
+    top = max([abs(e.weight) for e in edges] or [1.0]) or 1.0
+    for e in edges:
+        x0, x1 = x[e.source], x[e.target]
+        colour = "#55a868" if e.weight >= 0 else "#c44e52"
+        ax.annotate("", (x1, 0), (x0, 0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 4 * abs(e.weight) / top,
+                                                       "connectionstyle": f"arc3,rad={-0.25 - 0.05 * (x1 - x0)}", "alpha": 0.85})
+        ax.text((x0 + x1) / 2, 0.08 + 0.06 * (x1 - x0), f"{e.weight:+.1f}", ha="center", fontsize=7, color=colour)
+    texts = {s.index: s.text for s in g.steps}
+    for n in nodes:
+        label = "prompt" if n == "prompt" else f"{n}\n{texts[int(n.split()[1])][:28]}"
+        ax.text(x[n], 0, label, ha="center", va="center", fontsize=7, bbox={"boxstyle": "round", "fc": "#dddddd" if n == "prompt" else "#64b5cd", "ec": "black", "lw": 0.5})
+    ax.set_xlim(-0.7, len(nodes) - 0.3)
+    ax.set_ylim(-0.3, 1.0)
+    ax.axis("off")
+    ax.set_title("Reasoning graph: logit moved by attention from each source into each step", fontsize=9)
+    return _save(fig, fmt)
+
+
+def generation_steps_chart(g: GenerationResult, k: int) -> bytes:
+    """One horizontal bar chart per generated step (components summed over its tokens)."""
+    plt = _plt()
+    n = max(1, len(g.steps))
+    fig, axes = plt.subplots(n, 1, figsize=(7, 0.35 * k * n + 0.8 * n), squeeze=False)
+    for ax, s in zip(axes[:, 0], g.steps):
+        top = s.top[:k][::-1]
+        ax.barh([c.component.label for c in top], [c.score for c in top], color=["#55a868" if c.score >= 0 else "#c44e52" for c in top])
+        ax.set_title(f"Step {s.index}: {s.text[:70]}", fontsize=9, loc="left")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
     return _save(fig)

@@ -41,6 +41,10 @@ def head_z(layer: int) -> str:  # [pos, n_heads, d_head]
     return f"blocks.{layer}.attn.hook_z"
 
 
+def head_v(layer: int) -> str:  # [pos, n_kv_heads, d_head]
+    return f"blocks.{layer}.attn.hook_v"
+
+
 def attn_pattern(layer: int) -> str:  # [n_heads, query_pos, key_pos]
     return f"blocks.{layer}.attn.hook_pattern"
 

@@ -1,0 +1,1 @@
+"""Live generation tracing and the chain-of-thought debugger."""

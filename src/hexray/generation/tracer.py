@@ -1,0 +1,295 @@
+"""Traced generation: every new token with what wrote it, one incremental (KV-cached) pass each.
+
+Each step runs only the new token through the model, reusing the cache of earlier keys and values,
+and captures at that one position what direct attribution needs (head outputs, MLP outputs or
+neurons, the final-norm scale), the attention patterns, and each layer's values. From those:
+
+- the token's own logit split into components (exact, as in the core's attribution);
+- the logit the heads moved from each earlier position ("routed" attribution): head h at query
+  q writes ``sum_k A[h,q,k] v_k W_O[h]``, so source k's share of the logit is
+  ``A[h,q,k] (v_k W_O[h]) . d``, which sums over k to the head's attribution.
+
+Use :class:`TracedGeneration`: iterate it for :class:`TokenRecord` s as they are produced, then
+call :meth:`TracedGeneration.result` (also after an interruption) for steps and the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction
+from hexray.analysis.results import Granularity
+from hexray.errors import HexRayError
+from hexray.generation.results import GenerationResult, StopReason, TokenRecord
+from hexray.generation.steps import reasoning_steps
+from hexray.models.loading import LoadedModel
+from hexray.tracing import sites
+from hexray.tracing.engine import Trace, tokenize_prompt
+from hexray.tracing.sites import Component, parse_components
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    seed: int | None = None
+    chat: bool = False
+    granularity: Granularity = "head"
+    top_k: int = 5
+    watch: tuple[str, ...] = ()  # component labels: L10N1234, L9H6, MLP10, ATTN9, RESID12
+    watch_threshold: float | None = None
+    text: str | None = None  # trace this continuation instead of generating
+    graph_threshold: float = 0.1
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        check_granularity(self.granularity)
+        if self.text is None and self.max_new_tokens <= 0:
+            raise HexRayError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise HexRayError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k <= 0:
+            raise HexRayError(f"--top-k must be positive, got {self.top_k}")
+        if self.text is not None and not self.text.strip():
+            raise HexRayError("--text is empty", hint="give the continuation to trace")
+        if not 0 <= self.graph_threshold <= 1:
+            raise HexRayError(f"--graph-threshold must be between 0 and 1, got {self.graph_threshold}")
+
+
+def watch_value(component: Component, model: LoadedModel, acts: dict[str, torch.Tensor]) -> float:
+    """A watched component's activation at the traced position.
+
+    Neurons: their post-activation value. Heads: the norm of what they write (``|z_h W_O[h]|``).
+    MLP / attention layers and the residual stream: the norm of their output.
+    """
+    c = component
+    if c.kind == "neuron":
+        return float(acts[sites.mlp_post(c.layer)][-1, c.neuron])
+    if c.kind == "head":
+        return float((acts[sites.head_z(c.layer)][-1, c.head] @ model.W_O[c.layer][c.head]).norm())
+    hook = {"mlp": sites.mlp_out, "attn": sites.attn_out, "resid": sites.resid_pre}[c.kind](c.layer)
+    return float(acts[hook][-1].norm())
+
+
+def _watch_hook(c: Component) -> str:
+    return {"neuron": sites.mlp_post, "head": sites.head_z, "mlp": sites.mlp_out, "attn": sites.attn_out, "resid": sites.resid_pre}[c.kind](c.layer)
+
+
+class TracedGeneration:
+    """Generate (or trace a given continuation) token by token; iterate for records."""
+
+    def __init__(self, model: LoadedModel, prompt: str, options: GenerationOptions = GenerationOptions()):
+        options.validate()
+        self.model, self.prompt, self.options = model, prompt, options
+        spec = model.spec
+        self.watched = parse_components(",".join(options.watch), spec) if options.watch else ()
+        for c in self.watched:
+            if c.kind in ("embed", "bias") or (c.kind == "resid" and c.layer >= spec.n_layers):
+                raise HexRayError(f"cannot watch {c.name}", hint="watch heads, neurons, MLP/ATTN layers or RESID0..RESID{}".format(spec.n_layers - 1))
+        self.prompt_ids = self._prompt_ids()
+        self.forced = None
+        if options.text is not None:
+            self.forced = model.tokenizer(options.text, add_special_tokens=False)["input_ids"]
+            if not self.forced:
+                raise HexRayError("--text produced no tokens")
+        n_new = len(self.forced) if self.forced is not None else options.max_new_tokens
+        if len(self.prompt_ids) + n_new > spec.n_ctx:
+            raise HexRayError(
+                f"the prompt ({len(self.prompt_ids)} tokens) plus {n_new} new tokens is past {model.name}'s context of {spec.n_ctx}",
+                hint="lower --max-new-tokens or shorten the prompt",
+            )
+        self.hooks = (
+            attribution_hooks(spec, options.granularity)
+            | {sites.attn_pattern(layer) for layer in range(spec.n_layers)}
+            | {sites.head_v(layer) for layer in range(spec.n_layers)}
+            | {_watch_hook(c) for c in self.watched}
+        )
+        self.records: list[TokenRecord] = []
+        self._scores: list[np.ndarray] = []
+        self._components: tuple[Component, ...] | None = None
+        self._value_buffer = torch.zeros(spec.n_layers, len(self.prompt_ids) + n_new, spec.n_kv_heads, spec.d_head)
+        self._n_values = 0
+        self._W_O = torch.stack(model.W_O)  # [layers, heads, d_head, d_model]
+        self.stop_reason: StopReason = "text_end" if self.forced is not None else "max_new_tokens"
+        self._started = False
+
+    def _prompt_ids(self) -> list[int]:
+        model = self.model
+        if self.options.chat:
+            if not getattr(model.tokenizer, "chat_template", None):
+                raise HexRayError(f"{model.name} has no chat template", hint="drop --chat")
+            if not self.prompt or not self.prompt.strip():
+                raise HexRayError("the prompt is empty", hint="pass --prompt with some text")
+            out = model.tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], add_generation_prompt=True, tokenize=True)
+            ids = list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+            return ids
+        ids, _ = tokenize_prompt(model, self.prompt)
+        return ids
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        tok = self.model.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        config = getattr(self.model.bridge.original_model, "generation_config", None)
+        extra = getattr(config, "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra:
+            ids.update(int(i) for i in extra)
+        return ids
+
+    def __iter__(self) -> Iterator[TokenRecord]:
+        if self._started:
+            raise RuntimeError("a TracedGeneration runs once")  # a HexRay bug
+        self._started = True
+        model, opts = self.model, self.options
+        gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+        eos = self._eos_ids() if opts.stop_at_eos and self.forced is None else set()
+        n_new = len(self.forced) if self.forced is not None else opts.max_new_tokens
+        tokens = torch.tensor([self.prompt_ids])
+        cache = None
+        position = len(self.prompt_ids) - 1
+        for index in range(n_new):
+            acts, logits, cache = self._step(tokens, cache)
+            logits = logits.float()  # [d_vocab] at the predicting position
+            if self.forced is not None:
+                next_id = int(self.forced[index])
+            elif opts.temperature == 0:
+                next_id = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits.double() / opts.temperature, -1)
+                next_id = int(torch.multinomial(probs, 1, generator=gen))
+            record = self._record(index, position, next_id, logits, acts)
+            self.records.append(record)
+            yield record
+            if next_id in eos:
+                self.stop_reason = "eos"
+                return
+            tokens = torch.tensor([[next_id]])
+            position += 1
+
+    def _step(self, tokens: torch.Tensor, cache):
+        """One (incremental) forward pass; activations at the last position only, values in full."""
+        store: dict[str, torch.Tensor] = {}
+
+        def keeper(name: str):
+            def keep(x: torch.Tensor, hook) -> None:
+                store[name] = x.detach()
+
+            return keep
+
+        with torch.inference_mode():
+            logits, cache = self.model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[(n, keeper(n)) for n in self.hooks], return_type="logits_and_cache", past_key_values=cache, use_cache=True
+            )
+        acts = {}
+        for name, x in store.items():
+            x = x[0]
+            if name.endswith("hook_pattern"):
+                acts[name] = x[:, -1:, :]  # [heads, 1, k]
+            elif name.endswith("hook_v"):  # [new, kv_heads, d_head] appended to this layer's values
+                layer = int(name.split(".")[1])
+                self._value_buffer[layer, self._n_values : self._n_values + x.shape[0]] = x
+            else:
+                acts[name] = x[-1:]
+        self._n_values += tokens.shape[1]
+        return acts, logits[0, -1], cache
+
+    def _record(self, index: int, position: int, next_id: int, logits: torch.Tensor, acts: dict[str, torch.Tensor]) -> TokenRecord:
+        model, opts, spec = self.model, self.options, self.model.spec
+        one = Trace(model.name, self.prompt, (next_id,), ("",), ((0, 0),), logits[None], acts)
+        attribution = direct_logit_attribution(model, one, position=0, target=next_id, granularity=opts.granularity)
+        if self._components is None:
+            self._components = tuple(sorted((c.component for c in attribution.components), key=_component_order))
+            self._column = {c: i for i, c in enumerate(self._components)}
+        row = np.zeros(len(self._components), dtype=np.float32)
+        for c in attribution.components:
+            row[self._column[c.component]] = c.score
+        self._scores.append(row)
+
+        u, _ = logit_direction(model, next_id, None)
+        d = residual_direction(model, one, 0, u)  # [d_model]
+        n_src = position + 1
+        values = self._value_buffer[:, :n_src]  # [layers, k, kv_heads, d_head]
+        patterns = torch.stack([acts[sites.attn_pattern(layer)][:, 0, :] for layer in range(spec.n_layers)])  # [layers, heads, k]
+        wo_d = self._W_O @ d  # [layers, heads, d_head]
+        group = spec.n_heads // spec.n_kv_heads
+        per_value = torch.einsum("lkgd,lgjd->lkgj", values, wo_d.view(spec.n_layers, spec.n_kv_heads, group, -1))  # [layers, k, kv, group]
+        routed = torch.einsum("lhk,lkh->k", patterns, per_value.reshape(spec.n_layers, n_src, spec.n_heads))
+        attention = patterns.sum((0, 1)) / (spec.n_layers * spec.n_heads)
+        watch = {c.name: watch_value(c, model, acts) for c in self.watched}
+        threshold = opts.watch_threshold
+        crossed = tuple(name for name, v in watch.items() if threshold is not None and abs(v) >= threshold)
+        return TokenRecord(
+            index=index,
+            position=position,
+            id=next_id,
+            token=model.token_str(next_id),
+            prob=attribution.target.prob,
+            logit=attribution.target.logit,
+            top=attribution.top(opts.top_k),
+            reconstruction_error=attribution.reconstruction_error,
+            source_dla=routed.numpy(),
+            source_attention=attention.numpy(),
+            watch=watch,
+            crossed=crossed,
+        )
+
+    def result(self) -> GenerationResult:
+        """Everything traced so far, with reasoning steps and their graph."""
+        model, opts = self.model, self.options
+        ids = tuple(r.id for r in self.records)
+        components = self._components or ()
+        scores = np.stack(self._scores) if self._scores else np.zeros((0, len(components)), dtype=np.float32)
+        text = model.tokenizer.decode(list(ids)) if ids else ""
+        rule, steps, graph = reasoning_steps(model, self.records, components, scores, self.prompt_ids, top_k=opts.top_k, graph_threshold=opts.graph_threshold)
+        return GenerationResult(
+            model=model.name,
+            prompt=self.prompt,
+            chat=opts.chat,
+            prompt_token_ids=tuple(self.prompt_ids),
+            prompt_tokens=tuple(model.token_strs(self.prompt_ids)),
+            generated_ids=ids,
+            text=text,
+            granularity=opts.granularity,
+            records=tuple(self.records),
+            components=components,
+            scores=scores,
+            stop_reason=self.stop_reason,
+            rule=rule,
+            steps=steps,
+            graph=graph,
+            watch_threshold=opts.watch_threshold,
+        )
+
+    def interrupted(self) -> None:
+        """Mark the run as stopped by the user (Ctrl-C); :meth:`result` still works."""
+        self.stop_reason = "interrupted"
+
+
+_KIND_ORDER = {"embed": 0, "head": 1, "attn": 1, "neuron": 2, "mlp": 2, "bias": 3}
+
+
+def _component_order(c: Component) -> tuple:
+    return (c.layer if c.layer is not None else (-1 if c.kind == "embed" else 10**6), _KIND_ORDER[c.kind], c.head or 0, c.neuron or 0)
+
+
+def generate_traced(model: LoadedModel, prompt: str, options: GenerationOptions = GenerationOptions()) -> GenerationResult:
+    """Run a whole traced generation and return its result (the non-streaming API)."""
+    run = TracedGeneration(model, prompt, options)
+    for _ in run:
+        pass
+    return run.result()
+
+
+def plain_greedy(model: LoadedModel, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Untraced greedy generation with the HF model itself (the reference for tests and benchmarks)."""
+    hf = model.bridge.original_model
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([list(token_ids)]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+    return out[0, len(token_ids) :].tolist()
