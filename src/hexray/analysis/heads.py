@@ -95,8 +95,12 @@ def classify_heads(
         raise HexRayError(f"--seq-len must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}")
     if n_sequences <= 0:
         raise HexRayError(f"--sequences must be positive, got {n_sequences}")
-    text = DEFAULT_TEXT if prompt is None else prompt
-    ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
+    if prompt is None:  # the built-in text, cut to the context of small models
+        ids = model.encode(DEFAULT_TEXT, prepend_bos=prepend_bos)[: model.spec.n_ctx]
+        text = model.tokenizer.decode(ids)
+    else:
+        text = prompt
+        ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
     if len(ids) < 2:
         raise HexRayError("the prompt needs at least 2 tokens to score heads", hint="give a longer --prompt")
     tokens = torch.tensor(ids)

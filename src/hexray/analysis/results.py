@@ -210,7 +210,7 @@ class HeadClassification:
                 yield layer, head, {r: float(self.scores[r][layer, head]) for r in HEAD_ROLES}, label
 
     def top(self, role: str, k: int) -> list[tuple[int, int, float]]:
-        """The ``k`` highest-scoring heads for ``role``: (layer, head, score)."""
-        s = np.nan_to_num(self.scores[role], nan=-1.0)
-        flat = np.argsort(-s, axis=None)[:k]
+        """The ``k`` highest-scoring heads for ``role``: (layer, head, score); undefined scores are left out."""
+        s = self.scores[role]
+        flat = [i for i in np.argsort(-np.nan_to_num(s, nan=-np.inf), axis=None) if np.isfinite(s.flat[i])][:k]
         return [(int(i // s.shape[1]), int(i % s.shape[1]), float(s.flat[i])) for i in flat]

@@ -55,7 +55,9 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
         raise HexRayError("no components given", hint=f"use {COMPONENT_FORMS}; add @P for one position, e.g. L9H6@-1")
     out = []
     for part in parts:
-        name, _, pos = part.partition("@")
+        name, at, pos = part.partition("@")
+        if at and not pos.strip():
+            raise HexRayError(f"{part}: no position after @", hint="write e.g. L9H6@3 or L9H6@-1, or drop the @ for every position")
         component = parse_component(name, spec)
         if component.kind in ("embed", "bias"):
             raise HexRayError(f"{part}: {component.kind} cannot be ablated", hint="ablate RESID0 for the embeddings")
@@ -98,12 +100,12 @@ def _mask(site: Site, shape: torch.Size, position: int | None) -> torch.Tensor:
     return mask
 
 
-def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str]) -> list[dict[str, torch.Tensor]]:
+def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str], prepend_bos: bool | None) -> list[dict[str, torch.Tensor]]:
     """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt.
 
     One right-padded batch: attention is causal, so padding never reaches a real token.
     """
-    ids = [model.encode(p) for p in prompts]
+    ids = [model.encode(p, prepend_bos=prepend_bos) for p in prompts]  # tokenized like the prompt
     ids = [i[: model.spec.n_ctx] for i in ids if i]
     width = max(len(i) for i in ids)
     batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in ids])
@@ -173,7 +175,7 @@ def ablate(
     refs = [] if mode == "zero" else [p for p in (reference or default_reference_prompts()) if p.strip()]
     n_draws = samples if mode == "resample" else 1
     variants: list[list[Edit]] = [[] for _ in range(n_draws)]
-    ref_acts = _reference_acts(model, refs, hooks) if refs else []
+    ref_acts = _reference_acts(model, refs, hooks, prepend_bos) if refs else []
     gen = torch.Generator().manual_seed(seed)
     for site, p in sites_at:
         hook = _hook(site)

@@ -122,8 +122,8 @@ def _run_chunk(model: LoadedModel, tokens: torch.Tensor, chunk: list[Variant], r
         values = None if shared is not None else torch.zeros((present, *act_shape), dtype=x.dtype)
         for row, edit in edits_at[hook]:
             mask[row] |= edit.mask.expand(act_shape)
-            if values is not None:
-                values[row] = edit.values.expand(act_shape)
+            if values is not None:  # several edits in one row keep their own values
+                values[row] = torch.where(edit.mask.expand(act_shape), edit.values.expand(act_shape), values[row])
         new = torch.where(mask, shared.to(x.dtype) if shared is not None else values, x[offset:])
         return torch.cat([x[:offset], new]) if offset else new
 

@@ -216,8 +216,8 @@ def activation_patching(
     chosen = parse_sweeps(sweeps, method)
     if batch_size is not None and batch_size <= 0:
         raise HexRayError(f"--batch-size must be positive, got {batch_size}")
-    clean_ids, _ = tokenize_prompt(model, clean, prepend_bos=prepend_bos)
-    corrupt_ids, _ = tokenize_prompt(model, corrupt, prepend_bos=prepend_bos)
+    clean_ids = _tokens(model, clean, "--clean", prepend_bos)
+    corrupt_ids = _tokens(model, corrupt, "--corrupt", prepend_bos)
     if len(clean_ids) != len(corrupt_ids) and not last_position_only:
         raise HexRayError(
             f"the clean prompt is {len(clean_ids)} tokens and the corrupt prompt {len(corrupt_ids)}; "
@@ -304,6 +304,15 @@ def activation_patching(
         results=tuple(results),
         correlation=correlation,
     )
+
+
+def _tokens(model: LoadedModel, prompt: str, flag: str, prepend_bos: bool | None) -> list[int]:
+    """Token ids of one of the two prompts; errors name the flag they came from."""
+    try:
+        return tokenize_prompt(model, prompt, prepend_bos=prepend_bos)[0]
+    except HexRayError as exc:
+        hint = exc.hint.replace("--prompt", flag) if exc.hint else None
+        raise HexRayError(f"{flag}: {exc.message}", hint=hint) from None
 
 
 def _correlations(results: Sequence[PatchScore], chosen: Sequence[str]) -> dict[str, float | None]:

@@ -244,7 +244,8 @@ def render_heads(h: HeadClassification, console: Console, k: int = 5) -> None:
     top.add_column("role")
     top.add_column("heads (score)")
     for role in h.scores:
-        top.add_row(role, "  ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in h.top(role, k)))
+        best = h.top(role, k)
+        top.add_row(role, "  ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in best) or "n/a (the prompt has no such positions)")
     console.print(top)
     console.print(Text(f"previous/duplicate/BOS measured on {len(h.tokens)} prompt tokens; induction on {h.n_sequences} repeated random sequences of {h.seq_len} tokens (seed {h.seed})", style="dim"))
 

@@ -133,7 +133,7 @@ def ablation_html(r: AblationResult, figures: dict[str, bytes]) -> str:
 
 def heads_html(h: HeadClassification, figures: dict[str, bytes]) -> str:
     rows = "".join(
-        f"<tr><td>L{layer}H{head}</td>" + "".join(f"<td>{v:.3f}</td>" for v in scores.values()) + f"<td>{escape(label or '')}</td></tr>"
+        f"<tr><td>L{layer}H{head}</td>" + "".join(f"<td>{v:.3f}</td>" if v == v else "<td>n/a</td>" for v in scores.values()) + f"<td>{escape(label or '')}</td></tr>"
         for layer, head, scores, label in h.heads()
     )
     header = "".join(f"<th>{escape(role)}</th>" for role in h.scores)
