@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexray {__version__}")
         return 0
     try:
-        app(args, prog_name="hexray", standalone_mode=False)
+        code = app(args, prog_name="hexray", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) inside a command comes back as a return value
+            return code
     except HexRayError as exc:
         _stderr().print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
         return exc.exit_code

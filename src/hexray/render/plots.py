@@ -18,6 +18,8 @@ def _plt():
     matplotlib.use("Agg")  # headless; chosen at first use, never at import
     import matplotlib.pyplot as plt
 
+    plt.rcParams["text.parse_math"] = False  # token text is text: "$5 and $6" must not become maths
+
     return plt
 
 
