@@ -28,6 +28,8 @@ test-unit: setup
 
 bench: setup
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_patching.py
+	$(PY) benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) hexray-report .pytest_cache

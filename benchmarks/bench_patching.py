@@ -52,6 +52,7 @@ def plain_loop(model, target: int, contrast: int) -> list[float]:
 
 
 def main() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's helper draws a progress bar
     torch.manual_seed(0)
     model = load_model()
     kw = dict(target=" Mary", contrast=" John")

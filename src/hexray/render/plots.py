@@ -262,25 +262,29 @@ def heads_map(h: HeadClassification) -> bytes:
 
 # -- traced generation --------------------------------------------------------------------------
 def reasoning_graph_chart(g: GenerationResult, fmt: str = "png") -> bytes:
-    """Prompt and steps left to right; arcs from each source to the step that drew on it."""
+    """Prompt and steps left to right; an arc from each source to the step that drew on it."""
+    import textwrap
+
     plt = _plt()
     nodes = list(g.graph.nodes) if g.graph else ["prompt"]
-    x = {n: i for i, n in enumerate(nodes)}
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(nodes)), 3.8))
+    x = {n: 1.6 * i for i, n in enumerate(nodes)}
     edges = g.graph.edges if g.graph else ()
+    fig, ax = plt.subplots(figsize=(max(6, 2.3 * len(nodes)), 4.2))
     top = max([abs(e.weight) for e in edges] or [1.0]) or 1.0
     for e in edges:
         x0, x1 = x[e.source], x[e.target]
+        height = 0.25 + 0.18 * (x1 - x0)  # longer reach, higher arc: arcs never cover each other's labels
+        t = np.linspace(0, 1, 50)
         colour = "#55a868" if e.weight >= 0 else "#c44e52"
-        ax.annotate("", (x1, 0), (x0, 0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 4 * abs(e.weight) / top,
-                                                       "connectionstyle": f"arc3,rad={-0.25 - 0.05 * (x1 - x0)}", "alpha": 0.85})
-        ax.text((x0 + x1) / 2, 0.08 + 0.06 * (x1 - x0), f"{e.weight:+.1f}", ha="center", fontsize=7, color=colour)
+        ax.plot(x0 + (x1 - x0) * t, 0.18 + height * 4 * t * (1 - t), color=colour, lw=0.6 + 4 * abs(e.weight) / top, alpha=0.8)
+        ax.annotate("", (x1, 0.16), (x1 - 0.02, 0.22), arrowprops={"arrowstyle": "->", "color": colour})
+        ax.text((x0 + x1) / 2, 0.2 + height, f"{e.weight:+.1f}", ha="center", fontsize=7, color=colour)
     texts = {s.index: s.text for s in g.steps}
     for n in nodes:
-        label = "prompt" if n == "prompt" else f"{n}\n{texts[int(n.split()[1])][:28]}"
-        ax.text(x[n], 0, label, ha="center", va="center", fontsize=7, bbox={"boxstyle": "round", "fc": "#dddddd" if n == "prompt" else "#64b5cd", "ec": "black", "lw": 0.5})
-    ax.set_xlim(-0.7, len(nodes) - 0.3)
-    ax.set_ylim(-0.3, 1.0)
+        label = "prompt" if n == "prompt" else n + "\n" + "\n".join(textwrap.wrap(texts[int(n.split()[1])], 22)[:3])
+        ax.text(x[n], 0, label, ha="center", va="top", fontsize=7, bbox={"boxstyle": "round", "fc": "#dddddd" if n == "prompt" else "#64b5cd", "ec": "black", "lw": 0.5})
+    ax.set_xlim(-0.9, x[nodes[-1]] + 0.9)
+    ax.set_ylim(-0.7, 0.5 + 0.18 * x[nodes[-1]] + 0.3)
     ax.axis("off")
     ax.set_title("Reasoning graph: logit moved by attention from each source into each step", fontsize=9)
     return _save(fig, fmt)
