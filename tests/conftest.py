@@ -249,3 +249,34 @@ def tiny_hf_model(tiny_model_case):
         str(tiny_model_case.folder), attn_implementation="eager", dtype=torch.float32, local_files_only=True
     )
     return model.eval()
+
+
+@pytest.fixture
+def cli(monkeypatch, capfd, tmp_path):
+    """``cli(model, *args)`` runs ``hexray *args`` in-process (cwd = tmp_path) with ``model`` as the loaded model.
+
+    ``model=None`` keeps the real ``load_model``; ``model="no-load"`` makes loading fail the test
+    (for mistakes that must be reported before any model work). Captures at the file-descriptor
+    level, so anything a library prints behind HexRay's back is caught too.
+    """
+    import hexray.cli
+    from tests.helpers import CliRun
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("HEXRAY_MODEL", raising=False)
+
+    def run(model, *args) -> CliRun:
+        if model == "no-load":
+            def refuse(name, progress=None):
+                raise AssertionError("the model was loaded before the mistake was reported")
+
+            monkeypatch.setattr(hexray.cli, "load_model", refuse)
+        elif model is not None:
+            monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: model)
+        capfd.readouterr()
+        code = hexray.cli.main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return CliRun(code, out, err)
+
+    return run

@@ -1,5 +1,16 @@
 """Helpers shared by several test files."""
 
+from dataclasses import dataclass
+
+
+@dataclass
+class CliRun:
+    """What one in-process ``hexray`` run (the ``cli`` fixture) returned and printed."""
+
+    code: int
+    out: str
+    err: str
+
 
 def expected_names(spec, granularity: str) -> set[str]:
     """Every component name HexRay must report at ``granularity``, built independently of hexray.sites."""

@@ -214,17 +214,11 @@ def ablate_command(
     prepend_bos: BosOpt = None,
 ) -> None:
     """Ablate components together and compare the next-token distribution before and after."""
-    from hexray.intervene.ablation import ablate, parse_sites, read_reference_prompts
-    from hexray.intervene.results import ABLATION_MODES
+    from hexray.intervene.ablation import ablate, check_ablation_options, parse_sites, read_reference_prompts
     from hexray.render.files import ablation_files, check_writable
     from hexray.render.jsondoc import ablation_document
 
-    if mode not in ABLATION_MODES:
-        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
-    if top_k <= 0:
-        raise HexRayError(f"--top-k must be positive, got {top_k}")
-    if samples <= 0:
-        raise HexRayError(f"--samples must be positive, got {samples}")
+    check_ablation_options(mode, k=top_k, samples=samples)
     refs = read_reference_prompts(reference) if reference is not None else None
     if report is not None:
         check_writable(report)

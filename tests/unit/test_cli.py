@@ -13,10 +13,11 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import CliRun
 import torch
 
 import hexray
@@ -36,37 +37,8 @@ MULTI_TOKEN = " Eiffelzzq"  # ten pieces in the tiny tokenizer
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(monkeypatch, capfd, tmp_path):
-    """``cli(model, *args)`` runs ``hexray *args`` in-process (cwd = tmp_path) with ``model`` as the loaded model.
-
-    ``model=None`` keeps the real ``load_model``. Captures at the file-descriptor level, so
-    anything a library prints behind HexRay's back is caught too.
-    """
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("HEXRAY_MODEL", raising=False)
-
-    def run(model, *args) -> Run:
-        if model is not None:
-            monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: model)
-        capfd.readouterr()
-        code = hexray.cli.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
 def run_json(cli, model, *args) -> dict:
-    """Run with ``--json``; check stdout holds exactly one JSON document and stderr nothing."""
+    """CliRun with ``--json``; check stdout holds exactly one JSON document and stderr nothing."""
     r = cli(model, *args, "--json")
     assert r.code == 0, r.err
     assert r.err == ""
@@ -576,7 +548,7 @@ REAL_LOADER = [
 ]
 
 
-def _assert_one_line_error(r: Run, expected: str) -> None:
+def _assert_one_line_error(r: CliRun, expected: str) -> None:
     assert r.code == 2, (r.code, r.out, r.err)
     assert r.out == ""
     assert "Traceback" not in r.err

@@ -15,10 +15,11 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import CliRun
 import torch
 
 import hexray.cli
@@ -43,41 +44,8 @@ HEADS = ["heads", "--prompt", HEADS_TEXT]
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(monkeypatch, capfd, tmp_path):
-    """``cli(model, *args)`` runs ``hexray *args`` in-process (cwd = tmp_path) with ``model`` as the loaded model.
-
-    ``model="no-load"`` makes loading a model fail the test: for mistakes that must be caught first.
-    """
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("HEXRAY_MODEL", raising=False)
-
-    def run(model, *args) -> Run:
-        if model == "no-load":
-            def refuse(name, progress=None):
-                raise AssertionError("the model was loaded before the mistake was reported")
-
-            monkeypatch.setattr(hexray.cli, "load_model", refuse)
-        else:
-            monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: model)
-        capfd.readouterr()
-        code = hexray.cli.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
 def run_json(cli, model, *args) -> dict:
-    """Run with ``--json``; check stdout holds exactly one strict JSON document and stderr nothing."""
+    """CliRun with ``--json``; check stdout holds exactly one strict JSON document and stderr nothing."""
     r = cli(model, *args, "--json")
     assert r.code == 0, r.err
     assert r.err == ""
@@ -94,7 +62,7 @@ def tree(folder: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
-def assert_one_line_error(r: Run, expected: str) -> None:
+def assert_one_line_error(r: CliRun, expected: str) -> None:
     assert r.code == 2, (r.code, r.out, r.err)
     assert r.out == ""
     assert "Traceback" not in r.err
@@ -104,8 +72,8 @@ def assert_one_line_error(r: Run, expected: str) -> None:
     assert expected in lines[0], lines[0]
 
 
-def bad_run(cli, model, args, tmp_path) -> Run:
-    """Run ``args`` (command first) with a --report folder unless it names one; nothing may be written."""
+def bad_run(cli, model, args, tmp_path) -> CliRun:
+    """CliRun ``args`` (command first) with a --report folder unless it names one; nothing may be written."""
     (tmp_path / "a-file").write_text("keep me")
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
     if "--report" not in args:

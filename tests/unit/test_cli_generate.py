@@ -7,10 +7,11 @@ test_cli.py). Expected tokens come from Hugging Face ``generate`` (``plain_greed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import CliRun
 
 import hexray.cli
 import hexray.generation.tracer as tracer
@@ -24,31 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMPONENT_KEYS = {"name", "kind", "layer", "head", "neuron", "score"}
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(monkeypatch, capfd, tmp_path):
-    """``cli(model, *args)`` runs ``hexray *args`` in-process (cwd = tmp_path) with ``model`` loaded."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("HEXRAY_MODEL", raising=False)
-
-    def run(model, *args) -> Run:
-        monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: model)
-        capfd.readouterr()
-        code = hexray.cli.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
-def json_lines(r: Run) -> list[dict]:
+def json_lines(r: CliRun) -> list[dict]:
     assert r.code == 0, r.err
     assert r.err == ""
     assert r.out.endswith("\n")
@@ -270,7 +247,7 @@ BAD_INPUT = [
 ]
 
 
-def _assert_one_line_error(r: Run, expected: str) -> None:
+def _assert_one_line_error(r: CliRun, expected: str) -> None:
     assert r.code == 2, (r.code, r.out, r.err)
     assert r.out == ""
     assert "Traceback" not in r.err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
 
 from hexray.analysis.attribution import attribution_hooks, direct_logit_attribution
 from hexray.analysis.lens import lens_hooks, lens_logits, stacked_residual

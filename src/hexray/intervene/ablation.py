@@ -129,6 +129,16 @@ def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor,
     )
 
 
+def check_ablation_options(mode: str, *, k: int, samples: int) -> None:
+    """The checks that need no model (the CLI runs them before loading one)."""
+    if mode not in ABLATION_MODES:
+        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
+    if k <= 0:
+        raise HexRayError(f"--top-k must be positive, got {k}")
+    if samples <= 0:
+        raise HexRayError(f"--samples must be positive, got {samples}")
+
+
 def ablate(
     model: LoadedModel,
     prompt: str,
@@ -145,12 +155,7 @@ def ablate(
     prepend_bos: bool | None = None,
 ) -> AblationResult:
     """The distribution at ``token_index`` before and after ablating ``components`` together."""
-    if mode not in ABLATION_MODES:
-        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
-    if k <= 0:
-        raise HexRayError(f"--top-k must be positive, got {k}")
-    if samples <= 0:
-        raise HexRayError(f"--samples must be positive, got {samples}")
+    check_ablation_options(mode, k=k, samples=samples)
     chosen = parse_sites(components, model.spec) if isinstance(components, str) else tuple(components)
     if reference is not None and not [p for p in reference if p.strip()]:
         raise HexRayError("the reference set is empty", hint="give one prompt a line")
