@@ -331,6 +331,29 @@ def generate_command(
         raise typer.Exit(130)
 
 
+@app.command("serve")
+def serve_command(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the model to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds a request may take before it answers 504.")] = 300.0,
+) -> None:
+    """Serve the HexRay API (the CLI's JSON documents over HTTP and a WebSocket) with the model loaded once."""
+    import uvicorn
+
+    from hexray.server.app import create_app
+
+    if not 0 < port < 65536:
+        raise HexRayError(f"--port {port} is out of range", hint="use 1..65535")
+    if time_limit <= 0:
+        raise HexRayError(f"--time-limit must be positive, got {time_limit}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _stderr().print(f"[bold yellow]warning:[/] binding to {escape(host)}: anyone who can reach this address can run the model", highlight=False)
+    loaded = _load(model, False)
+    _stderr().print(f"HexRay API for {escape(loaded.name)} on http://{escape(host)}:{port}/", highlight=False)
+    uvicorn.run(create_app(loaded, time_limit=time_limit), host=host, port=port, log_level="warning")
+
+
 _PASSTHROUGH = {"--help", "-h", "--version"}
 
 
