@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CliRun
+from tests.helpers import CliRun, assert_one_line_error, expected_names, tree
 import torch
 
 import hexray
 import hexray.cli
 from hexray.tracing.engine import run_trace
-from tests.helpers import expected_names
 
 REPO = Path(__file__).resolve().parents[2]
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -81,9 +80,6 @@ def last_token_positions(model, prompt: str, pieces: list[str]) -> list[int]:
     return out
 
 
-def tree(folder: Path) -> dict[str, bytes | None]:
-    """Every path under ``folder`` with its bytes (None for folders): a snapshot to compare."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +132,9 @@ def test_prompt_length_boundary_is_the_context(cli, tiny_gpt2):
     fits = _prefix_with_tokens(tiny_gpt2, TOO_LONG, n_ctx)
     doc = run_json(cli, tiny_gpt2, "--prompt", fits)
     assert len(doc["token_ids"]) == n_ctx and doc["position"] == n_ctx - 1
-    _assert_one_line_error(cli(tiny_gpt2, "--prompt", _prefix_with_tokens(tiny_gpt2, TOO_LONG, n_ctx + 1)), f"is {n_ctx + 1} tokens")
+    assert_one_line_error(cli(tiny_gpt2, "--prompt", _prefix_with_tokens(tiny_gpt2, TOO_LONG, n_ctx + 1)), f"is {n_ctx + 1} tokens")
     # a forced BOS is one more token
-    _assert_one_line_error(cli(tiny_gpt2, "--prompt", fits, "--prepend-bos"), f"is {n_ctx + 1} tokens")
+    assert_one_line_error(cli(tiny_gpt2, "--prompt", fits, "--prepend-bos"), f"is {n_ctx + 1} tokens")
 
 
 def test_prepend_bos(cli, tiny_model, tiny_hf_model):
@@ -548,14 +544,6 @@ REAL_LOADER = [
 ]
 
 
-def _assert_one_line_error(r: CliRun, expected: str) -> None:
-    assert r.code == 2, (r.code, r.out, r.err)
-    assert r.out == ""
-    assert "Traceback" not in r.err
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    assert lines[0].startswith("error: ")
-    assert expected in lines[0], lines[0]
 
 
 def _bad_run(cli, model, args, tmp_path):
@@ -575,19 +563,19 @@ def _bad_run(cli, model, args, tmp_path):
 
 @pytest.mark.parametrize(("args", "expected"), [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
 def test_bad_input(cli, tiny_gpt2, tmp_path, args, expected):
-    _assert_one_line_error(_bad_run(cli, tiny_gpt2, args, tmp_path), expected)
+    assert_one_line_error(_bad_run(cli, tiny_gpt2, args, tmp_path), expected)
 
 
 def test_multi_token_target_lists_the_pieces(cli, tiny_gpt2):
     r = cli(tiny_gpt2, "--prompt", IOI, "--target", MULTI_TOKEN)
     pieces = [tiny_gpt2.token_str(i) for i in tiny_gpt2.tokenizer(MULTI_TOKEN, add_special_tokens=False)["input_ids"]]
     assert len(pieces) > 1
-    _assert_one_line_error(r, ": " + ", ".join(repr(p) for p in pieces))
+    assert_one_line_error(r, ": " + ", ".join(repr(p) for p in pieces))
 
 
 def test_w_gate_works_on_llama_but_is_an_error_on_gpt2(cli, tiny_llama, tiny_gpt2, tmp_path):
     assert cli(tiny_llama, "--prompt", IOI, "--weight-heatmap", "mlp.L0.W_gate", "--report", tmp_path / "ok").code == 0
-    _assert_one_line_error(cli(tiny_gpt2, "--prompt", IOI, "--weight-heatmap", "mlp.L0.W_gate", "--report", tmp_path / "no"), "has no gate")
+    assert_one_line_error(cli(tiny_gpt2, "--prompt", IOI, "--weight-heatmap", "mlp.L0.W_gate", "--report", tmp_path / "no"), "has no gate")
     assert not (tmp_path / "no").exists()
 
 
@@ -595,13 +583,13 @@ def test_w_gate_works_on_llama_but_is_an_error_on_gpt2(cli, tiny_llama, tiny_gpt
 def test_bad_model(cli, monkeypatch, tmp_path, args, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hexray.cli.load_model is hexray.models.loading.load_model  # the real loader
-    _assert_one_line_error(_bad_run(cli, None, args, tmp_path), expected)
+    assert_one_line_error(_bad_run(cli, None, args, tmp_path), expected)
 
 
 def test_unfired_save_hook_writes_nothing(cli, tiny_llama, tmp_path):
     # Llama has rotary embeddings: hook_pos_embed exists in hook_dict but never fires.
     r = _bad_run(cli, tiny_llama, ["--prompt", IOI, "--logit-debug", "--save-hooks", "hook_pos_embed"], tmp_path)
-    _assert_one_line_error(r, "did not fire")
+    assert_one_line_error(r, "did not fire")
 
 
 def test_lens_k_above_the_vocabulary_lists_the_whole_vocabulary(cli, tiny_gpt2):
@@ -614,7 +602,7 @@ def test_lens_k_above_the_vocabulary_lists_the_whole_vocabulary(cli, tiny_gpt2):
 def test_save_hooks_without_save_activations_is_an_error(cli, tiny_gpt2, tmp_path):
     before = tree(tmp_path)
     r = cli(tiny_gpt2, "--prompt", IOI, "--save-hooks", "blocks.*.attn.hook_z")
-    _assert_one_line_error(r, "--save-activations")
+    assert_one_line_error(r, "--save-activations")
     assert tree(tmp_path) == before
 
 

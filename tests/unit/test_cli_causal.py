@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CliRun
+from tests.helpers import CliRun, assert_one_line_error, tree
 import torch
 
 import hexray.cli
@@ -57,19 +57,8 @@ def run_json(cli, model, *args) -> dict:
     return json.loads(r.out, parse_constant=no_constants)
 
 
-def tree(folder: Path) -> dict[str, bytes | None]:
-    """Every path under ``folder`` with its bytes (None for folders): a snapshot to compare."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
-def assert_one_line_error(r: CliRun, expected: str) -> None:
-    assert r.code == 2, (r.code, r.out, r.err)
-    assert r.out == ""
-    assert "Traceback" not in r.err
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    assert lines[0].startswith("error: ")
-    assert expected in lines[0], lines[0]
 
 
 def bad_run(cli, model, args, tmp_path) -> CliRun:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CliRun
+from tests.helpers import CliRun, assert_one_line_error, tree
 
 import hexray.cli
 import hexray.generation.tracer as tracer
@@ -37,8 +37,6 @@ def _reject(name):  # NaN / Infinity are not strict JSON
     raise AssertionError(f"non-strict JSON constant {name}")
 
 
-def tree(folder: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,14 +245,6 @@ BAD_INPUT = [
 ]
 
 
-def _assert_one_line_error(r: CliRun, expected: str) -> None:
-    assert r.code == 2, (r.code, r.out, r.err)
-    assert r.out == ""
-    assert "Traceback" not in r.err
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    assert lines[0].startswith("error: ")
-    assert expected in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("json_out", [False, True], ids=["console", "json"])
@@ -265,12 +255,12 @@ def test_bad_input(cli, tiny_gpt2, tmp_path, args, expected, json_out):
     extra = ["--json"] if json_out else []
     r = cli(tiny_gpt2, "generate", "--report", tmp_path / "report" / "nested", *extra, *args)
     assert tree(tmp_path) == before, "a failed run must not write anything"
-    _assert_one_line_error(r, expected)
+    assert_one_line_error(r, expected)
 
 
 def test_report_into_a_file_is_an_error(cli, tiny_gpt2, tmp_path):
     (tmp_path / "a-file").write_text("keep me")
     before = tree(tmp_path)
     r = cli(tiny_gpt2, "generate", "-p", PROMPT, "-n", "2", "--report", tmp_path / "a-file")
-    _assert_one_line_error(r, "is not a folder")
+    assert_one_line_error(r, "is not a folder")
     assert tree(tmp_path) == before
