@@ -71,12 +71,7 @@ def watch_value(component: Component, model: LoadedModel, acts: dict[str, torch.
         return float(acts[sites.mlp_post(c.layer)][-1, c.neuron])
     if c.kind == "head":
         return float((acts[sites.head_z(c.layer)][-1, c.head] @ model.W_O[c.layer][c.head]).norm())
-    hook = {"mlp": sites.mlp_out, "attn": sites.attn_out, "resid": sites.resid_pre}[c.kind](c.layer)
-    return float(acts[hook][-1].norm())
-
-
-def _watch_hook(c: Component) -> str:
-    return {"neuron": sites.mlp_post, "head": sites.head_z, "mlp": sites.mlp_out, "attn": sites.attn_out, "resid": sites.resid_pre}[c.kind](c.layer)
+    return float(acts[sites.component_hook(c)][-1].norm())
 
 
 class TracedGeneration:
@@ -106,7 +101,7 @@ class TracedGeneration:
             attribution_hooks(spec, options.granularity)
             | {sites.attn_pattern(layer) for layer in range(spec.n_layers)}
             | {sites.head_v(layer) for layer in range(spec.n_layers)}
-            | {_watch_hook(c) for c in self.watched}
+            | {sites.component_hook(c) for c in self.watched}
         )
         self.records: list[TokenRecord] = []
         self._scores: list[np.ndarray] = []

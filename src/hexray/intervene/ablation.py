@@ -19,12 +19,11 @@ import torch
 from hexray.analysis.lens import lens_logits
 from hexray.analysis.results import TokenScore
 from hexray.errors import HexRayError
-from hexray.intervene.batched import Edit, run_variants
+from hexray.intervene.batched import Edit, run_variants, site_mask
 from hexray.intervene.results import ABLATION_MODES, AblationMode, AblationResult, Distribution, Site
 from hexray.models.loading import LoadedModel, ModelSpec
-from hexray.tracing import sites
 from hexray.tracing.engine import resolve_position, run_trace
-from hexray.tracing.sites import COMPONENT_FORMS, parse_component
+from hexray.tracing.sites import COMPONENT_FORMS, component_hook, parse_component
 
 
 def default_reference_prompts() -> list[str]:
@@ -71,33 +70,6 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
                 raise HexRayError(f"{part}: position {pos!r} is not a number", hint="write e.g. L9H6@3 or L9H6@-1") from None
         out.append(Site(component, position))
     return tuple(out)
-
-
-def _hook(site: Site) -> str:
-    c = site.component
-    return {
-        "head": sites.head_z,
-        "attn": sites.attn_out,
-        "mlp": sites.mlp_out,
-        "neuron": sites.mlp_post,
-        "resid": sites.resid_pre,
-    }[c.kind](c.layer)
-
-
-def _mask(site: Site, shape: torch.Size, position: int | None) -> torch.Tensor:
-    """Where ``site`` lives in an activation of ``shape`` ([pos, ...])."""
-    c = site.component
-    rows = slice(None) if position is None else slice(position, position + 1)
-    if c.kind == "head":
-        mask = torch.zeros(shape[0], shape[1], 1, dtype=torch.bool)
-        mask[rows, c.head] = True
-    elif c.kind == "neuron":
-        mask = torch.zeros(shape[0], shape[1], dtype=torch.bool)
-        mask[rows, c.neuron] = True
-    else:
-        mask = torch.zeros(shape[0], 1, dtype=torch.bool)
-        mask[rows] = True
-    return mask
 
 
 def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str], prepend_bos: bool | None) -> list[dict[str, torch.Tensor]]:
@@ -162,7 +134,7 @@ def ablate(
     target_id = model.single_token(target, role="target") if target is not None else None
     contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
 
-    hooks = {_hook(s) for s in chosen}
+    hooks = {component_hook(s.component) for s in chosen}
     trace = run_trace(model, prompt, hooks, prepend_bos=prepend_bos)
     n = trace.n_tokens
     position = resolve_position(token_index, n)
@@ -183,9 +155,10 @@ def ablate(
     ref_acts = _reference_acts(model, refs, hooks, prepend_bos) if refs else []
     gen = torch.Generator().manual_seed(seed)
     for site, p in sites_at:
-        hook = _hook(site)
+        hook = component_hook(site.component)
         shape = trace.acts[hook].shape
-        mask = _mask(site, shape, p)
+        c = site.component
+        mask = site_mask(c.kind, c.head if c.kind == "head" else c.neuron, p, shape)
         if mode == "zero":
             values = [torch.zeros(shape)]
         elif mode == "mean":

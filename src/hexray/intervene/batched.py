@@ -50,6 +50,24 @@ class Edit:
 Variant = tuple[Edit, ...]
 
 
+def site_mask(kind: str, unit: int | None, position: int | None, shape: Sequence[int]) -> torch.Tensor:
+    """Where a head / neuron / whole-vector site lives in an activation of ``shape`` ([pos, ...]).
+
+    Heads: [pos, n_heads, 1]; neurons: [pos, d_mlp]; anything else: [pos, 1]. ``position=None``: every position.
+    """
+    rows = slice(None) if position is None else slice(position, position + 1)
+    if kind == "head":
+        mask = torch.zeros(shape[0], shape[1], 1, dtype=torch.bool)
+        mask[rows, unit] = True
+    elif kind == "neuron":
+        mask = torch.zeros(shape[0], shape[1], dtype=torch.bool)
+        mask[rows, unit] = True
+    else:
+        mask = torch.zeros(shape[0], 1, dtype=torch.bool)
+        mask[rows] = True
+    return mask
+
+
 class _Done(Exception):
     """Raised by the read-out hook: nothing after the last block is needed."""
 

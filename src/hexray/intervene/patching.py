@@ -20,7 +20,7 @@ import torch
 
 from hexray.analysis.attribution import logit_direction, token_score
 from hexray.errors import HexRayError
-from hexray.intervene.batched import Edit, run_variants
+from hexray.intervene.batched import Edit, run_variants, site_mask
 from hexray.intervene.results import METHODS, SWEEPS, Method, PatchingResult, PatchScore, Site, Sweep
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.tracing import sites
@@ -88,17 +88,8 @@ def sweep_sites(spec: ModelSpec, sweep: Sweep, positions: Sequence[int] | None) 
 def site_edit(site: Site, hook: str, source: torch.Tensor, n_tokens: int) -> Edit:
     """Copy ``source`` (aligned to the base prompt's positions) into the base run at ``site``."""
     c = site.component
-    rows = slice(None) if site.position is None else slice(site.position, site.position + 1)
-    if c.kind == "head":
-        mask = torch.zeros(n_tokens, source.shape[1], 1, dtype=torch.bool)
-        mask[rows, c.head] = True
-    elif c.kind == "neuron":
-        mask = torch.zeros(n_tokens, source.shape[1], dtype=torch.bool)
-        mask[rows, c.neuron] = True
-    else:
-        mask = torch.zeros(n_tokens, 1, dtype=torch.bool)
-        mask[rows] = True
-    return Edit(hook, mask, source)
+    unit = c.head if c.kind == "head" else c.neuron
+    return Edit(hook, site_mask(c.kind, unit, site.position, (n_tokens, *source.shape[1:])), source)
 
 
 def _aligned(source: torch.Tensor, base_len: int) -> torch.Tensor:

@@ -96,6 +96,11 @@ class Component:
         return self.name
 
 
+def component_hook(c: Component) -> str:
+    """The hook holding component ``c``'s activation: hook_z (head), attn/mlp out, hook_post (neuron), resid_pre."""
+    return {"head": head_z, "attn": attn_out, "mlp": mlp_out, "neuron": mlp_post, "resid": resid_pre}[c.kind](c.layer)
+
+
 _PATTERNS: list[tuple[re.Pattern, ComponentKind]] = [
     (re.compile(r"^L(\d+)H(\d+)$", re.I), "head"),
     (re.compile(r"^L(\d+)N(\d+)$", re.I), "neuron"),
