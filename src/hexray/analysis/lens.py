@@ -57,6 +57,16 @@ def logit_lens(model: LoadedModel, trace: Trace, *, position: int = -1, target: 
     return LogitLens(position=pos, target=token_score(model, trace.logits[pos], target_id), rows=tuple(rows))
 
 
+def next_token_predictions(model: LoadedModel, trace: Trace, *, k: int = 5) -> tuple[tuple[TokenScore, ...], ...]:
+    """At every position, the model's top-``k`` next tokens: [pos][k] (what the lab's token strip shows)."""
+    probs = torch.softmax(trace.logits.double(), dim=-1)  # [pos, d_vocab]
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return tuple(
+        tuple(TokenScore(model.token_str(i), int(i), float(trace.logits[pos, i]), float(p)) for p, i in zip(ps, ids))
+        for pos, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist()))
+    )
+
+
 def residual_hooks(spec: ModelSpec) -> set[str]:
     hooks = lens_hooks(spec)
     for layer in range(spec.n_layers):

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from hexray.analysis.arithmetic import arithmetic_graph, arithmetic_hooks
 from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution
-from hexray.analysis.lens import lens_hooks, logit_lens, residual_hooks, residual_trace
-from hexray.analysis.results import ArithmeticGraph, Attribution, Granularity, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.analysis.lens import lens_hooks, logit_lens, next_token_predictions, residual_hooks, residual_trace
+from hexray.analysis.results import ArithmeticGraph, Attribution, Granularity, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
 from hexray.analysis.steps import step_attribution
 from hexray.analysis.weights import weight_view
 from hexray.errors import HexRayError
@@ -37,6 +37,7 @@ class AnalysisOptions:
     arithmetic: bool = False
     save_hooks: tuple[str, ...] = ()  # hook names to keep in the trace for --save-activations
     prepend_bos: bool | None = None
+    predictions_k: int = 0  # > 0: the top next tokens at every position (the lab's token strip)
 
     def validate(self) -> None:
         """Checks that need no model: run before loading anything."""
@@ -45,6 +46,8 @@ class AnalysisOptions:
             raise HexRayError(f"--top-k-attribution must be positive, got {self.top_k}")
         if self.lens_k <= 0:
             raise HexRayError(f"--lens-k must be positive, got {self.lens_k}")
+        if self.predictions_k < 0:
+            raise HexRayError(f"predictions_k must be 0 or more, got {self.predictions_k}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Report:
     steps: StepAttribution | None = None
     weights: tuple[WeightView, ...] = ()
     arithmetic: ArithmeticGraph | None = None
+    predictions: tuple[tuple[TokenScore, ...], ...] | None = None  # [pos][k]
     trace: Trace | None = field(default=None, repr=False, compare=False)
 
 
@@ -104,5 +108,6 @@ def analyze(model: LoadedModel, prompt: str, options: AnalysisOptions = Analysis
         steps=step_attribution(model, trace, granularity=options.granularity) if options.cot else None,
         weights=weights,
         arithmetic=arithmetic_graph(model, trace, position=attribution.position) if options.arithmetic else None,
+        predictions=next_token_predictions(model, trace, k=options.predictions_k) if options.predictions_k else None,
         trace=trace,
     )

@@ -214,3 +214,16 @@ class HeadClassification:
         s = self.scores[role]
         flat = [i for i in np.argsort(-np.nan_to_num(s, nan=-np.inf), axis=None) if np.isfinite(s.flat[i])][:k]
         return [(int(i // s.shape[1]), int(i % s.shape[1]), float(s.flat[i])) for i in flat]
+
+
+@dataclass(frozen=True)
+class HeadAttention:
+    """One head's attention on a prompt, with its role scores (induction from random repeats)."""
+
+    model: str
+    prompt: str
+    tokens: tuple[str, ...]
+    layer: int
+    head: int
+    pattern: np.ndarray  # [q, k]: row q is where query position q attends
+    scores: dict[str, float]  # role -> score, NaN where the prompt gives the role nothing to score

@@ -10,7 +10,7 @@ from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, ReasoningGraph, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult, PatchScore
 from hexray.models.loading import ModelSpec
-from hexray.analysis.results import ArithmeticGraph, HeadClassification, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
+from hexray.analysis.results import ArithmeticGraph, HeadAttention, HeadClassification, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
 
 
 def token_doc(t: TokenScore | None) -> dict | None:
@@ -106,6 +106,8 @@ def report_document(report: Report) -> dict:
     spec = report.spec
     doc = attribution_doc(report.attribution)
     doc["model_info"] = model_info(spec)
+    attn, mlp = report.attribution.layer_totals(spec.n_layers)
+    doc["layer_totals"] = {"attn": _arr(attn), "mlp": _arr(mlp)}  # per layer, at any granularity
     if report.head_attribution is not None:
         doc["head_scores"] = _arr(report.head_attribution.head_matrix(spec.n_layers, spec.n_heads))
     if report.logit_lens is not None:
@@ -118,7 +120,31 @@ def report_document(report: Report) -> dict:
         doc["weights"] = [weight_doc(w) for w in report.weights]
     if report.arithmetic is not None:
         doc["arithmetic"] = arithmetic_doc(report.arithmetic)
+    if report.predictions is not None:
+        doc["predictions"] = [[token_doc(t) for t in row] for row in report.predictions]
     return doc
+
+
+def analysis_layer_docs(report: Report) -> list[dict]:
+    """The analysis one layer at a time (what ``/ws/analyze`` streams before the whole document).
+
+    Each carries that layer's head scores (at head granularity), attention and MLP totals, the
+    logit-lens row after the layer and the residual norm after it at every position.
+    """
+    spec, a = report.spec, report.attribution
+    heads = a.head_matrix(spec.n_layers, spec.n_heads) if a.granularity == "head" else None
+    attn, mlp = a.layer_totals(spec.n_layers)
+    lens = lens_doc(report.logit_lens)["layers"] if report.logit_lens is not None else None
+    docs = []
+    for layer in range(spec.n_layers):
+        docs.append({
+            "layer": layer, "n_layers": spec.n_layers,
+            "heads": None if heads is None else _arr(heads[layer]),
+            "attn": _num(attn[layer]), "mlp": _num(mlp[layer]),
+            "lens": None if lens is None else lens[layer + 1],  # row 0 is the embeddings
+            "resid_norm": None if report.residual is None else _arr(report.residual.resid_norm[layer + 1]),
+        })
+    return docs
 
 
 def model_info(spec: ModelSpec) -> dict:
@@ -201,6 +227,15 @@ def heads_document(h: HeadClassification, spec: ModelSpec) -> dict:
             {"name": f"L{layer}H{head}", "layer": layer, "head": head, "scores": {k: _num(v) for k, v in scores.items()}, "label": label}
             for layer, head, scores, label in h.heads()
         ],
+    }
+
+
+def head_attention_document(a: HeadAttention) -> dict:
+    """One head's attention pattern (rounded to 4 places: it is drawn, not computed on) and role scores."""
+    return {
+        "model": a.model, "prompt": a.prompt, "tokens": list(a.tokens), "layer": a.layer, "head": a.head,
+        "name": f"L{a.layer}H{a.head}", "scores": {k: _num(v) for k, v in a.scores.items()},
+        "pattern": _arr(np.round(a.pattern, 4)),
     }
 
 

@@ -1,7 +1,9 @@
-"""The HexRay API: one model, many clients; every answer is the CLI's ``--json`` document.
+"""The HexRay lab: one model, many clients; every answer is the CLI's ``--json`` document.
 
-Model work runs in a worker thread, one request at a time (a lock queues them), so the event loop
-stays free for ``/api/health`` and for other connections. A user's mistake answers 422 with
+Model work runs in a worker thread, one job at a time (a lock queues them), so the event loop
+stays free for ``/api/health``, the page and other connections. Work checks a stop flag at its
+natural steps (a generated token, a chunk of patching variants, a layer message), so a closed
+WebSocket or the time limit ends it there. A user's mistake answers 422 with
 ``{"ok": false, "error", "hint"}``; a request over the time limit answers 504.
 """
 
@@ -11,33 +13,133 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
+from importlib import resources
 from html import escape
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.render import jsondoc
-from hexray.server.schemas import AblateRequest, AnalyzeRequest, GenerateRequest, HeadsRequest, PatchRequest
+from hexray.server.schemas import (
+    AblateRequest, AnalyzeRequest, AttentionRequest, GenerateRequest, HeadsRequest, PatchRequest,
+)
+
+STATIC = resources.files("hexray.server") / "static"
 
 
-def create_app(model: LoadedModel, *, time_limit: float = 300.0) -> FastAPI:
-    """The API app serving ``model`` (already loaded; the server loads it once)."""
+class Cancelled(Exception):
+    """The client went away or the time limit passed; the job stops at its next step."""
+
+
+class Job:
+    """What model work sees from its thread: a way to send a message and a flag to stop at."""
+
+    def __init__(self, send: Callable[[dict], None] | None = None):
+        self.stop = threading.Event()
+        self._send = send
+
+    def emit(self, message: dict) -> None:
+        self.check()
+        if self._send is not None:
+            self._send(message)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Cancelled
+
+
+def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int = 1024) -> FastAPI:
+    """The lab serving ``model`` (already loaded; the server loads it once).
+
+    ``max_tokens`` bounds every prompt the server takes (the page stays responsive and the
+    patching batch stays in memory); ``time_limit`` bounds each request's seconds.
+    """
     # no /docs or /redoc: their pages load scripts from a CDN, and the lab runs offline
     app = FastAPI(title="HexRay", version="0.1.0", description="A debugger for transformer language models.", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # the model serves one request at a time
+    lock = threading.Lock()  # the model serves one job at a time
+    waiting = [0]  # jobs queued behind the lock (read by /api/health)
 
-    async def on_model(work: Callable[[], dict]) -> dict:
-        def locked() -> dict:
-            with lock:
-                return work()
-
+    def locked(job: Job, work: Callable[[Job], dict]) -> dict:
+        waiting[0] += 1
         try:
-            return await asyncio.wait_for(asyncio.to_thread(locked), timeout=time_limit)
+            lock.acquire()
+        finally:
+            waiting[0] -= 1
+        try:
+            job.check()  # the client may have left while this job waited its turn
+            return work(job)
+        finally:
+            lock.release()
+
+    def check_length(text: str | None, field: str) -> None:
+        if text is not None and len(model.encode(text)) > max_tokens:
+            raise HexRayError(f"{field} is {len(model.encode(text))} tokens; this server takes at most {max_tokens}", hint="shorten it, or restart with a larger --max-tokens")
+
+    async def on_model(work: Callable[[Job], dict]) -> dict:
+        job = Job()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(locked, job, work), timeout=time_limit)
         except TimeoutError:
-            raise HexRayError(f"the request took longer than {time_limit:.0f} s", hint="ask for less", http_status=504) from None
+            job.stop.set()
+            raise _timeout() from None
+
+    def _timeout() -> HexRayError:
+        return HexRayError(f"the request took longer than {time_limit:g} s", hint="ask for less, or restart with a larger --time-limit", http_status=504)
+
+    async def stream(ws: WebSocket, request_type: type[BaseModel], work: Callable[[BaseModel, Job], dict]) -> None:
+        """Read one request, run ``work`` on it, forward its messages, end with ``done`` or ``error``."""
+        await ws.accept()
+        try:
+            req = request_type.model_validate_json(await ws.receive_text())
+            _check_request(req)
+        except WebSocketDisconnect:
+            return
+        except HexRayError as exc:
+            await _send_last(ws, {"type": "error", **exc.to_dict()})
+            return
+        except ValueError as exc:  # pydantic's ValidationError
+            await _send_last(ws, {"type": "error", "ok": False, "error": _first_error(exc), "hint": None, "status": 422})
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(lambda m: loop.call_soon_threadsafe(queue.put_nowait, m))
+
+        def run() -> None:
+            try:
+                done = locked(job, lambda j: work(req, j))
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "done", **done})
+            except Cancelled:
+                pass
+            except HexRayError as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **exc.to_dict()})
+
+        task = asyncio.create_task(asyncio.to_thread(run))
+        deadline = loop.time() + time_limit
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), timeout=max(deadline - loop.time(), 0.001))
+                except TimeoutError:
+                    job.stop.set()
+                    message = {"type": "error", **_timeout().to_dict()}
+                await ws.send_text(json.dumps(message, allow_nan=False))
+                if message["type"] in ("done", "error"):
+                    break
+            await ws.close()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            job.stop.set()  # a closed socket cancels the work at its next step
+            await task
+
+    def _check_request(req: BaseModel) -> None:
+        for field in ("prompt", "clean", "corrupt"):
+            check_length(getattr(req, field, None), field)
 
     @app.exception_handler(HexRayError)
     async def hexray_error(_: Request, exc: HexRayError) -> JSONResponse:
@@ -45,44 +147,49 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse({"ok": False, "error": message, "hint": None, "status": 422}, status_code=422)
+        return JSONResponse({"ok": False, "error": _first_error(exc), "hint": None, "status": 422}, status_code=422)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def lab() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api", response_class=HTMLResponse)
+    async def endpoints() -> str:
         rows = "".join(f"<li><code>{escape(m)} {escape(p)}</code></li>" for p, m in _ENDPOINTS)
         return f"<!doctype html><meta charset='utf-8'><title>HexRay API</title><h1>HexRay API &mdash; {escape(model.name)}</h1><ul>{rows}</ul><p>Schema: <a href='/openapi.json'>/openapi.json</a></p>"
 
     @app.get("/api/health")
     async def health() -> dict:
-        return {"ok": True, "model": model.name, "model_info": jsondoc.model_info(model.spec), "busy": lock.locked()}
+        return {"ok": True, "model": model.name, "model_info": jsondoc.model_info(model.spec), "busy": lock.locked(),
+                "queued": waiting[0], "max_tokens": max_tokens, "time_limit": time_limit}
 
     @app.post("/api/analyze")
     async def analyze_prompt(req: AnalyzeRequest) -> dict:
-        from hexray.analysis.report import AnalysisOptions, analyze
+        _check_request(req)
+        return await on_model(lambda job: jsondoc.report_document(_analysis(model, req)))
 
-        options = AnalysisOptions(
-            target=req.target, contrast=req.contrast, token_index=req.token_index, granularity=req.granularity,
-            top_k=req.top_k, logit_lens=req.logit_lens, residual=req.residual,
-        )
-        return await on_model(lambda: jsondoc.report_document(analyze(model, req.prompt, options)))
+    @app.post("/api/attention")
+    async def attention(req: AttentionRequest) -> dict:
+        from hexray.analysis.heads import head_attention
+
+        _check_request(req)
+        return await on_model(lambda job: jsondoc.head_attention_document(head_attention(
+            model, req.prompt, req.layer, req.head, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
+        )))
 
     @app.post("/api/patch")
     async def patch(req: PatchRequest) -> dict:
-        from hexray.intervene.patching import activation_patching
-
-        return await on_model(lambda: jsondoc.patch_document(activation_patching(
-            model, req.clean, req.corrupt, target=req.target, contrast=req.contrast, sweeps=req.sweep,
-            method=req.method, last_position_only=req.last_position, batch_size=req.batch_size,
-        ), model.spec))
+        _check_request(req)
+        return await on_model(lambda job: _patching(model, req, job))
 
     @app.post("/api/ablate")
     async def ablate(req: AblateRequest) -> dict:
         from hexray.intervene.ablation import ablate as run_ablation
 
-        return await on_model(lambda: jsondoc.ablation_document(run_ablation(
+        _check_request(req)
+        return await on_model(lambda job: jsondoc.ablation_document(run_ablation(
             model, req.prompt, req.components, mode=req.mode, reference=req.reference, samples=req.samples,
             seed=req.seed, target=req.target, contrast=req.contrast, token_index=req.token_index, k=req.top_k,
         ), model.spec))
@@ -91,69 +198,106 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0) -> FastAPI:
     async def heads(req: HeadsRequest) -> dict:
         from hexray.analysis.heads import classify_heads
 
-        return await on_model(lambda: jsondoc.heads_document(classify_heads(
+        _check_request(req)
+        return await on_model(lambda job: jsondoc.heads_document(classify_heads(
             model, req.prompt, threshold=req.threshold, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
         ), model.spec))
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest) -> dict:
-        def work() -> dict:
+        _check_request(req)
+
+        def work(job: Job) -> dict:
             run = _generation(model, req)
-            tokens = [jsondoc.token_record_doc(r) for r in run]
+            tokens = []
+            for record in run:
+                job.check()
+                tokens.append(jsondoc.token_record_doc(record))
             return {"tokens": tokens, **jsondoc.generation_done_doc(run.result())}
 
         return await on_model(work)
 
+    @app.websocket("/ws/analyze")
+    async def analyze_stream(ws: WebSocket) -> None:
+        """One ``layer`` message per layer (head scores, lens row, residual norms), then the whole document."""
+
+        def work(req: AnalyzeRequest, job: Job) -> dict:
+            report = _analysis(model, req)
+            for layer_doc in jsondoc.analysis_layer_docs(report):
+                job.emit({"type": "layer", **layer_doc})
+            return jsondoc.report_document(report)
+
+        await stream(ws, AnalyzeRequest, work)
+
+    @app.websocket("/ws/patch")
+    async def patch_stream(ws: WebSocket) -> None:
+        """``progress`` messages (variants done of total) while the sweep runs, then the patching document."""
+        await stream(ws, PatchRequest, lambda req, job: _patching(model, req, job))
+
     @app.websocket("/ws/generate")
     async def generate_stream(ws: WebSocket) -> None:
-        """Send one message per generated token, then ``done`` (or ``error``); a closed socket stops the work."""
-        await ws.accept()
-        try:
-            req = GenerateRequest.model_validate_json(await ws.receive_text())
-        except WebSocketDisconnect:
-            return
-        except ValueError as exc:
-            await ws.send_json({"type": "error", "error": str(exc).splitlines()[0], "status": 422})
-            await ws.close()
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+        """One ``token`` message per generated token, then the generation's summary."""
 
-        def work() -> None:
-            with lock:
-                try:
-                    run = _generation(model, req)
-                    for record in run:
-                        if stop.is_set():
-                            run.interrupted()
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", **jsondoc.token_record_doc(record)})
-                    loop.call_soon_threadsafe(queue.put_nowait, {"type": "done", **jsondoc.generation_done_doc(run.result())})
-                except HexRayError as exc:
-                    loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **exc.to_dict()})
+        def work(req: GenerateRequest, job: Job) -> dict:
+            run = _generation(model, req)
+            try:
+                for record in run:
+                    job.emit({"type": "token", **jsondoc.token_record_doc(record)})
+            except Cancelled:
+                run.interrupted()
+                raise
+            return jsondoc.generation_done_doc(run.result())
 
-        task = asyncio.create_task(asyncio.to_thread(work))
-        try:
-            while True:
-                message = await queue.get()
-                await ws.send_text(json.dumps(message, allow_nan=False))
-                if message["type"] in ("done", "error"):
-                    break
-            await ws.close()
-        except WebSocketDisconnect:
-            pass
-        finally:
-            stop.set()  # a closed socket cancels the generation at the next token
-            await task
+        await stream(ws, GenerateRequest, work)
 
     return app
 
 
 _ENDPOINTS = [
-    ("/api/health", "GET"), ("/api/analyze", "POST"), ("/api/patch", "POST"), ("/api/ablate", "POST"),
-    ("/api/heads", "POST"), ("/api/generate", "POST"), ("/ws/generate", "WEBSOCKET"),
+    ("/api/health", "GET"), ("/api/analyze", "POST"), ("/api/attention", "POST"), ("/api/patch", "POST"),
+    ("/api/ablate", "POST"), ("/api/heads", "POST"), ("/api/generate", "POST"),
+    ("/ws/analyze", "WEBSOCKET"), ("/ws/patch", "WEBSOCKET"), ("/ws/generate", "WEBSOCKET"),
 ]
+
+
+def _first_error(exc: Exception) -> str:
+    """``field: message`` for the first thing pydantic rejected."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return str(exc).splitlines()[0]
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+
+
+async def _send_last(ws: WebSocket, message: dict) -> None:
+    try:
+        await ws.send_text(json.dumps(message, allow_nan=False))
+        await ws.close()
+    except WebSocketDisconnect:
+        pass
+
+
+def _analysis(model: LoadedModel, req: AnalyzeRequest):
+    from hexray.analysis.report import AnalysisOptions, analyze
+
+    options = AnalysisOptions(
+        target=req.target, contrast=req.contrast, token_index=req.token_index, granularity=req.granularity,
+        top_k=req.top_k, logit_lens=req.logit_lens, lens_k=req.lens_k, residual=req.residual, logit_debug=req.head_scores,
+        predictions_k=req.predictions_k,
+    )
+    return analyze(model, req.prompt, options)
+
+
+def _patching(model: LoadedModel, req: PatchRequest, job: Job) -> dict:
+    from hexray.intervene.patching import activation_patching
+
+    result = activation_patching(
+        model, req.clean, req.corrupt, target=req.target, contrast=req.contrast, sweeps=req.sweep,
+        method=req.method, last_position_only=req.last_position, batch_size=req.batch_size,
+        progress=lambda done, total: job.emit({"type": "progress", "done": done, "total": total}),
+    )
+    return jsondoc.patch_document(result, model.spec)
 
 
 def _generation(model: LoadedModel, req: GenerateRequest):

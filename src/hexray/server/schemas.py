@@ -21,7 +21,19 @@ class AnalyzeRequest(_Request):
     token_index: int = -1
     top_k: int = Field(10, ge=1, le=1000)
     logit_lens: bool = True
+    lens_k: int = Field(5, ge=1, le=50)
     residual: bool = True
+    head_scores: bool = True  # the layers x heads map at any granularity (the CLI's --logit-debug)
+    predictions_k: int = Field(0, ge=0, le=50)  # > 0: top next tokens at every position (the token strip)
+
+
+class AttentionRequest(_Request):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0)
+    seq_len: int = Field(25, ge=2, le=512)
+    sequences: int = Field(4, ge=1, le=32)
+    seed: int = 0
 
 
 class PatchRequest(_Request):

@@ -1,0 +1,243 @@
+"""The web lab in a real browser: Debian's chromium, driven by Playwright, against `hexray serve`.
+
+One real server (the embedded model, on 127.0.0.1) and one page serve the whole module; the tests
+run in file order, like a researcher's session: IOI preset → attribution map → a head's pattern →
+patching → ablation → generation → exports → a shared URL → a hostile prompt.
+Screenshots of each panel go to ``$HEXRAY_SCREENSHOTS`` (the README's come from docs/lab/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+# the machine has no network: without these, chromium keeps dialling out and waits on the failures
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+PANELS = ["prompt", "tokens", "dla", "head", "lens", "resid", "patch", "ablate", "gen"]
+
+if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
+    pytest.skip("Debian's chromium is not installed (make test installs it)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `hexray serve` on the embedded model; its URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hexray", "serve", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"hexray serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"hexray serve did not answer in 240 s: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("HEXRAY_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Page:
+    """A page with its console errors and dialogs recorded (a dialog would mean injected script ran)."""
+
+    def __init__(self, browser, url: str, theme: str = "dark"):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(url)
+
+    def wait(self, js: str, timeout: float = 60_000) -> None:
+        self.page.wait_for_function(js, timeout=timeout)
+
+    def text(self, selector: str) -> str:
+        return self.page.locator(selector).inner_text()
+
+    def analysed(self, previous: int = 0) -> None:
+        self.wait(f"window.hexrayLab && window.hexrayLab.analyses > {previous}")
+
+    def click_cell(self, canvas: str, r: int, c: int, **kw) -> None:
+        x, y = self.page.evaluate(f"document.getElementById('{canvas}').cellCenter({r}, {c})")
+        self.page.locator(f"#{canvas}").click(position={"x": x, "y": y}, **kw)
+
+
+@pytest.fixture(scope="module")
+def lab(server, browser):
+    page = Page(browser, server)
+    yield page
+    page.page.close()
+    assert not page.errors, page.errors
+
+
+def test_ioi_preset_draws_the_attribution_map(lab, shots):
+    lab.page.select_option("#preset", "ioi")
+    lab.analysed()
+    assert lab.page.locator("#tokens .tok").count() == 14
+    assert lab.page.locator("#tokens .tok.sel").inner_text() == " to"
+    check = lab.text("#sumcheck")
+    assert check.startswith("✓") and "6.1196" in check  # the parts add up to the logit difference
+    top = lab.page.locator("#dla-top li").all_inner_texts()
+    assert top[0].startswith("L23H3")
+    assert "prompt=When+Mary" in lab.page.url and "target=+Mary" in lab.page.url
+    # the per-layer stream drew the map before the final document arrived
+    assert lab.page.evaluate("window.hexrayLab.layerMessages") == 30
+
+
+def test_hovering_a_token_shows_the_next_token_distribution(lab):
+    lab.page.locator("#tokens .tok").nth(13).hover()
+    tip = lab.text("#tip")
+    assert "next token" in tip and " Mary" in tip and "0.92" in tip
+
+
+def test_clicking_a_head_shows_its_attention_pattern(lab, shots):
+    lab.click_cell("dla-map", 23, 3)
+    lab.wait("document.getElementById('head-name').textContent.startsWith('L23H3 ·')")
+    head = lab.page.evaluate("window.hexrayLab.docs['head-panel']")
+    assert head["name"] == "L23H3" and len(head["pattern"]) == 14
+    last = head["pattern"][-1]
+    assert head["tokens"][last.index(max(last))] == " John"  # it reads the repeated name
+    cells = lab.page.locator("#role-scores td").all_inner_texts()
+    assert len(cells) == 4 and all(re.fullmatch(r"\d\.\d{3}", c) for c in cells)
+    assert "head=L23H3" in lab.page.url
+    for name in ("prompt", "tokens", "dla", "head", "lens", "resid"):
+        lab.page.locator(f"#{name}-panel").screenshot(path=str(shots / f"{name}.png"))
+
+
+def test_shift_click_adds_a_head_to_the_ablation_set(lab):
+    lab.click_cell("dla-map", 20, 0, modifiers=["Shift"])
+    assert "L20H0" in lab.page.input_value("#components")
+
+
+def test_patching_sweep_shows_progress_and_heatmap(lab, shots):
+    lab.page.select_option("#sweep", "heads")
+    lab.page.click("#patch-run")
+    lab.wait("document.querySelectorAll('#patch-top li').length > 0", timeout=120_000)
+    bar = lab.page.locator("#patch-progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max")
+    assert lab.page.locator("#patch-top li").first.inner_text().startswith("L23H3")
+    assert "clean 6.120" in lab.text("#patch-summary")
+    lab.page.locator("#patch-panel").screenshot(path=str(shots / "patch.png"))
+
+
+def test_ablation_shows_the_distribution_before_and_after(lab, shots):
+    lab.page.fill("#components", "L23H3, L29H1, L20H0")
+    lab.page.click("#ablate-run")
+    lab.wait("document.getElementById('ablate-summary').textContent.includes('KL')")
+    summary = lab.text("#ablate-summary")
+    before, after = map(float, re.search(r"logit diff (-?[\d.]+) → (-?[\d.]+)", summary).groups())
+    assert before == pytest.approx(6.12, abs=0.01) and after < before - 3
+    lab.page.locator("#ablate-panel").screenshot(path=str(shots / "ablate.png"))
+
+
+def test_generation_streams_tokens_live(lab, shots):
+    lab.page.fill("#max-new", "12")
+    lab.page.fill("#watch", "L23H3")
+    lab.page.click("#gen-run")
+    # tokens appear while the stop button is still live: they stream, not arrive at the end
+    lab.wait("document.querySelectorAll('#gen-text .gtok').length >= 1 && !document.getElementById('gen-stop').disabled")
+    lab.wait("document.getElementById('gen-run').disabled === false", timeout=120_000)
+    assert lab.page.locator("#gen-text .gtok").count() == 12
+    assert lab.page.locator("#gen-text .gtok").first.inner_text() == " Mary"
+    assert "watched: L23H3" in lab.text("#gen-detail")
+    lab.page.locator("#gen-panel").screenshot(path=str(shots / "gen.png"))
+
+
+@pytest.mark.parametrize("panel", ["dla", "patch", "gen"])
+def test_every_panel_exports_png_and_json(lab, panel, tmp_path):
+    with lab.page.expect_download() as png:
+        lab.page.click(f"#{panel}-panel button[data-export=png]")
+    path = tmp_path / png.value.suggested_filename
+    png.value.save_as(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+    with lab.page.expect_download() as js:
+        lab.page.click(f"#{panel}-panel button[data-export=json]")
+    doc = json.loads(Path(js.value.path()).read_text())
+    assert {"dla": "components", "patch": "results", "gen": "tokens"}[panel] in doc
+
+
+def test_the_url_restores_the_view(lab, browser, shots):
+    lab.page.click("#theme")
+    assert lab.page.evaluate("document.documentElement.dataset.theme") == "light" and "theme=light" in lab.page.url
+    shared = Page(browser, lab.page.url)
+    try:
+        shared.analysed()
+        shared.wait("document.getElementById('head-name').textContent.startsWith('L23H3 ·')")
+        shared.wait("document.querySelectorAll('#patch-top li').length > 0", timeout=120_000)
+        assert shared.page.input_value("#prompt") == lab.page.input_value("#prompt")
+        assert shared.page.evaluate("document.documentElement.dataset.theme") == "light"
+        shared.wait("document.getElementById('gen-run').disabled === false && document.querySelectorAll('#gen-text .gtok').length === 12", timeout=120_000)
+        shared.page.screenshot(path=str(shots / "lab-light.png"), full_page=True)
+        assert not shared.errors
+    finally:
+        shared.page.close()
+    lab.page.click("#theme")
+    lab.page.screenshot(path=str(shots / "lab.png"), full_page=True)
+
+
+def test_a_hostile_prompt_renders_as_text(lab):
+    n = lab.page.evaluate("window.hexrayLab.analyses")
+    lab.page.fill("#prompt", "<img src=x onerror=alert(1)><script>alert(2)</script> hi")
+    lab.page.fill("#target", "")
+    lab.page.fill("#contrast", "")
+    lab.page.click("#run")
+    lab.analysed(n)
+    strip = "".join(lab.page.locator("#tokens .tok").all_inner_texts())
+    assert strip.startswith("<img src=x onerror=alert(1)><script>")
+    assert lab.page.locator("img, #tokens script").count() == 0 and lab.dialogs == []
+
+
+def test_a_bad_request_shows_one_line_and_keeps_the_page(lab):
+    tokens_before = lab.page.locator("#tokens .tok").count()
+    lab.page.fill("#target", " Mary had a little lamb")
+    lab.page.click("#run")
+    lab.wait("!document.getElementById('error').hidden")
+    error = lab.text("#error")
+    assert error.startswith("error: ") and "\n" not in error and "target" in error
+    assert lab.page.locator("#tokens .tok").count() == tokens_before  # the last good view stays
