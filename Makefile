@@ -4,7 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hexray-installed
 IOI    := When Mary and John went to the store, John gave a drink to
 
-.PHONY: setup demo test test-unit bench clean
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test test-unit bench serve clean
 
 setup: $(STAMP)
 
@@ -20,7 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/hexray --prompt "$(IOI)" --top-k-attribution 10 --granularity head --logit-debug --report hexray-report
 
-test: setup
+# the browser tests drive Debian's chromium (Playwright's own browser download cannot work offline)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: setup $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-unit: setup
@@ -30,6 +38,10 @@ bench: setup
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_patching.py
 	$(PY) benchmarks/bench_generation.py
+	$(PY) benchmarks/bench_server.py
+
+serve: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hexray serve --open
 
 clean:
 	rm -rf $(VENV) hexray-report .pytest_cache

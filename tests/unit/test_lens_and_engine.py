@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hexray.analysis.lens import (
+    next_token_predictions,
     lens_hooks,
     lens_logits,
     logit_lens,
@@ -284,6 +285,29 @@ def test_residual_trace(tiny_model, lens_trace):
     assert rt.lens_top_tokens[-1] == tuple(tiny_model.token_str(i) for i in lens_trace.logits.argmax(-1).tolist())
     np.testing.assert_allclose(rt.lens_top_probs[-1], probs.max(-1).values.numpy(), rtol=1e-4)
     assert ((rt.lens_top_probs > 0) & (rt.lens_top_probs <= 1)).all()
+    assert rt.lens_positions == tuple(range(n))
+
+
+def test_residual_trace_lens_at_some_positions_is_those_columns(tiny_model, lens_trace):
+    """The lab's lens window computes only some columns, and they are the full trace's columns."""
+    full = residual_trace(tiny_model, lens_trace)
+    some = (1, lens_trace.n_tokens - 1)
+    part = residual_trace(tiny_model, lens_trace, lens_positions=some)
+    assert part.lens_positions == some and part.lens_top_probs.shape == (tiny_model.spec.n_layers + 1, 2)
+    for row_full, row_part in zip(full.lens_top_tokens, part.lens_top_tokens):
+        assert row_part == tuple(row_full[p] for p in some)
+    np.testing.assert_allclose(part.lens_top_probs, full.lens_top_probs[:, list(some)], rtol=1e-6)
+    np.testing.assert_array_equal(part.resid_norm, full.resid_norm)  # the norms still cover every position
+
+
+def test_next_token_predictions_are_the_final_distribution(tiny_model, lens_trace):
+    top = next_token_predictions(tiny_model, lens_trace, k=3)
+    probs = torch.softmax(lens_trace.logits.double(), -1)
+    assert len(top) == lens_trace.n_tokens and all(len(row) == 3 for row in top)
+    for pos, row in enumerate(top):
+        assert [t.id for t in row] == probs[pos].topk(3).indices.tolist()
+        assert row[0].prob == pytest.approx(float(probs[pos].max()), rel=1e-9)
+        assert row[0].prob >= row[1].prob >= row[2].prob
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hexray.analysis.attribution import token_score
@@ -74,14 +76,19 @@ def residual_hooks(spec: ModelSpec) -> set[str]:
     return hooks
 
 
-def residual_trace(model: LoadedModel, trace: Trace) -> ResidualTrace:
-    """Residual norms, per-block write norms and logit-lens top tokens at every layer and position."""
+def residual_trace(model: LoadedModel, trace: Trace, *, lens_positions: Sequence[int] | None = None) -> ResidualTrace:
+    """Residual norms, per-block write norms and logit-lens top tokens at every layer and position.
+
+    The lens costs a [pos, d_model] x [d_model, d_vocab] product per layer (seconds for hundreds of
+    tokens on a CPU), so ``lens_positions`` can limit it to some positions; the norms cover all.
+    """
     spec = model.spec
     resid = stacked_residual(model, trace)  # [rows, pos, d_model]
+    positions = tuple(range(trace.n_tokens)) if lens_positions is None else tuple(lens_positions)
     attn = torch.stack([trace.acts[sites.attn_out(layer)] for layer in range(spec.n_layers)])
     mlp = torch.stack([trace.acts[sites.mlp_out(layer)] for layer in range(spec.n_layers)])
     top_tokens, top_probs = [], []
-    for row in resid:  # one row at a time keeps memory at [pos, d_vocab]
+    for row in resid[:, list(positions)]:  # one row at a time keeps memory at [pos, d_vocab]
         logits = lens_logits(model, row)
         best, i = logits.max(dim=-1)
         top_tokens.append(tuple(model.token_strs(i.tolist())))
@@ -95,4 +102,5 @@ def residual_trace(model: LoadedModel, trace: Trace) -> ResidualTrace:
         mlp_delta_norm=mlp.norm(dim=-1).numpy(),
         lens_top_tokens=tuple(top_tokens),
         lens_top_probs=torch.stack(top_probs).numpy(),
+        lens_positions=positions,
     )

@@ -38,6 +38,7 @@ class AnalysisOptions:
     save_hooks: tuple[str, ...] = ()  # hook names to keep in the trace for --save-activations
     prepend_bos: bool | None = None
     predictions_k: int = 0  # > 0: the top next tokens at every position (the lab's token strip)
+    lens_window: int = 0  # > 0: the residual trace's lens only at this many positions up to the explained one
 
     def validate(self) -> None:
         """Checks that need no model: run before loading anything."""
@@ -46,6 +47,8 @@ class AnalysisOptions:
             raise HexRayError(f"--top-k-attribution must be positive, got {self.top_k}")
         if self.lens_k <= 0:
             raise HexRayError(f"--lens-k must be positive, got {self.lens_k}")
+        if self.lens_window < 0:
+            raise HexRayError(f"lens_window must be 0 or more, got {self.lens_window}")
         if self.predictions_k < 0:
             raise HexRayError(f"predictions_k must be 0 or more, got {self.predictions_k}")
 
@@ -104,10 +107,16 @@ def analyze(model: LoadedModel, prompt: str, options: AnalysisOptions = Analysis
         logit_lens=logit_lens(model, trace, position=attribution.position, target=attribution.target.id, k=options.lens_k)
         if options.logit_lens
         else None,
-        residual=residual_trace(model, trace) if options.residual else None,
+        residual=residual_trace(model, trace, lens_positions=_lens_window(attribution.position, options.lens_window))
+        if options.residual
+        else None,
         steps=step_attribution(model, trace, granularity=options.granularity) if options.cot else None,
         weights=weights,
         arithmetic=arithmetic_graph(model, trace, position=attribution.position) if options.arithmetic else None,
         predictions=next_token_predictions(model, trace, k=options.predictions_k) if options.predictions_k else None,
         trace=trace,
     )
+
+
+def _lens_window(position: int, window: int) -> range | None:
+    return range(max(0, position - window + 1), position + 1) if window else None

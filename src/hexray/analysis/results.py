@@ -116,8 +116,9 @@ class ResidualTrace:
     resid_norm: np.ndarray  # [n_layers + 1, pos]
     attn_delta_norm: np.ndarray  # [n_layers, pos]: |attention output| written by each block
     mlp_delta_norm: np.ndarray  # [n_layers, pos]
-    lens_top_tokens: tuple[tuple[str, ...], ...]  # [n_layers + 1][pos]
-    lens_top_probs: np.ndarray  # [n_layers + 1, pos]
+    lens_top_tokens: tuple[tuple[str, ...], ...]  # [n_layers + 1][lens position]
+    lens_top_probs: np.ndarray  # [n_layers + 1, lens position]
+    lens_positions: tuple[int, ...] = ()  # the positions the lens columns are at (default: every position)
 
 
 @dataclass(frozen=True)

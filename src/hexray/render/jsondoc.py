@@ -58,6 +58,7 @@ def residual_doc(r: ResidualTrace) -> dict:
         "mlp_delta_norm": _arr(r.mlp_delta_norm),
         "lens_top_tokens": [list(row) for row in r.lens_top_tokens],
         "lens_top_probs": _arr(r.lens_top_probs),
+        "lens_positions": list(r.lens_positions),
     }
 
 

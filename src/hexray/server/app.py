@@ -284,7 +284,7 @@ def _analysis(model: LoadedModel, req: AnalyzeRequest):
     options = AnalysisOptions(
         target=req.target, contrast=req.contrast, token_index=req.token_index, granularity=req.granularity,
         top_k=req.top_k, logit_lens=req.logit_lens, lens_k=req.lens_k, residual=req.residual, logit_debug=req.head_scores,
-        predictions_k=req.predictions_k,
+        predictions_k=req.predictions_k, lens_window=req.lens_window,
     )
     return analyze(model, req.prompt, options)
 

@@ -23,6 +23,7 @@ class AnalyzeRequest(_Request):
     logit_lens: bool = True
     lens_k: int = Field(5, ge=1, le=50)
     residual: bool = True
+    lens_window: int = Field(0, ge=0, le=4096)  # > 0: the residual lens only at this many positions up to token_index
     head_scores: bool = True  # the layers x heads map at any granularity (the CLI's --logit-debug)
     predictions_k: int = Field(0, ge=0, le=50)  # > 0: top next tokens at every position (the token strip)
 

@@ -221,7 +221,7 @@ function emptyCanvas(canvas, text) {
 // Line chart: series [{label, values, color, axis: "left" | "right"}] over x labels.
 function drawLines(canvas, xLabels, series, { width = 560, height = 240, rightMax = 1 } = {}) {
   const ctx = sizeCanvas(canvas, width, height);
-  const [l, r, t, b] = [44, 40, 22, 34];
+  const [l, r, t, b] = [56, 40, 22, 34];
   ctx.fillStyle = css("--panel");
   ctx.fillRect(0, 0, width, height);
   const leftMax = maxAbs(series.filter((s) => s.axis !== "right").flatMap((s) => s.values));
@@ -233,7 +233,8 @@ function drawLines(canvas, xLabels, series, { width = 560, height = 240, rightMa
   for (let k = 0; k <= 4; k++) {
     const y = t + (k / 4) * (height - t - b);
     ctx.beginPath(); ctx.moveTo(l, y); ctx.lineTo(width - r, y); ctx.stroke();
-    ctx.fillText((leftMax * (1 - k / 4)).toPrecision(3), l - 4, y);
+    const tick = leftMax * (1 - k / 4);
+    ctx.fillText(tick >= 100 ? tick.toFixed(0) : tick.toPrecision(3), l - 4, y);
     ctx.textAlign = "left"; ctx.fillText((rightMax * (1 - k / 4)).toFixed(2), width - r + 4, y); ctx.textAlign = "right";
   }
   ctx.textAlign = "center";
@@ -304,7 +305,7 @@ let partialHeads = [];    // per-layer head rows as they stream in
 
 function analyzeRequest() {
   const body = { prompt: $("prompt").value, granularity: $("granularity").value, top_k: 20, logit_lens: true, lens_k: 5,
-    residual: true, predictions_k: 5 };
+    residual: true, predictions_k: 5, lens_window: LENS_WINDOW };
   if ($("target").value) body.target = $("target").value;
   if ($("contrast").value) body.contrast = $("contrast").value;
   if (state.pos !== null) body.token_index = state.pos;
@@ -464,18 +465,20 @@ function dlaClick({ r, c }, event) {
   if (c < nHeadCols) loadHead(name);
 }
 
+const LENS_WINDOW = 48;  // lens columns: the positions up to the explained one (the lens costs a vocab product each)
+
 function renderLens() {
   const canvas = $("lens-grid");
   const res = analysis && analysis.residual, lens = analysis && analysis.logit_lens;
   if (!res || !lens) { emptyCanvas(canvas, "run an analysis"); return; }
-  const nPos = analysis.tokens.length, nRows = res.rows.length;
-  const cw = nPos * 58 <= 2600 ? 58 : Math.max(6, Math.floor(2600 / nPos));
+  const cols = res.lens_positions, nRows = res.rows.length;
+  const cw = cols.length * 58 <= 2600 ? 58 : Math.max(6, Math.floor(2600 / cols.length));
   drawGrid(canvas, {
-    rows: nRows, cols: nPos, cw, ch: 16, rotate: true,
-    rowLabels: res.rows, colLabels: analysis.tokens.map(showTok),
+    rows: nRows, cols: cols.length, cw, ch: 16, rotate: true,
+    rowLabels: res.rows, colLabels: cols.map((p) => showTok(analysis.tokens[p])),
     color: (r, c) => sequential(res.lens_top_probs[r][c]),
     text: (r, c) => showTok(res.lens_top_tokens[r][c]),
-    markCol: analysis.position, mark: [],
+    markCol: cols.indexOf(analysis.position), mark: [],
     extraW: 90,
     extra: (ctx, x, y, ch) => {
       ctx.textAlign = "left";
@@ -487,12 +490,14 @@ function renderLens() {
       });
     },
   });
+  const [x] = canvas.cellCenter(0, Math.max(0, cols.indexOf(analysis.position)));
+  canvas.parentElement.scrollLeft = x - canvas.parentElement.clientWidth / 2;  // the explained column in view
 }
 
 function lensDescribe({ r, c }) {
-  const res = analysis.residual;
-  const lines = [`after ${res.rows[r]}, position ${c} ${showTok(analysis.tokens[c])}`, `top: ${showTok(res.lens_top_tokens[r][c])} ${res.lens_top_probs[r][c].toFixed(3)}`];
-  if (c === analysis.position) {
+  const res = analysis.residual, pos = res.lens_positions[c];
+  const lines = [`after ${res.rows[r]}, position ${pos} ${showTok(analysis.tokens[pos])}`, `top: ${showTok(res.lens_top_tokens[r][c])} ${res.lens_top_probs[r][c].toFixed(3)}`];
+  if (pos === analysis.position) {
     const row = analysis.logit_lens.layers[r];
     lines.push(`target ${showTok(analysis.logit_lens.target.token)}: rank ${row.target_rank}, p=${row.target_prob.toFixed(3)}`);
     for (const t of row.top) lines.push(`  ${t.prob.toFixed(3)} ${showTok(t.token)}`);
@@ -854,7 +859,7 @@ async function init() {
   readURL();
   hover($("dla-map"), (h) => (analysis ? dlaDescribe(h) : ""), (h, e) => analysis && dlaClick(h, e));
   hover($("attn-map"), (h) => (headDoc ? headDescribe(h) : ""));
-  hover($("lens-grid"), (h) => (analysis ? lensDescribe(h) : ""), (h) => { state.pos = h.c; runAnalysis(); });
+  hover($("lens-grid"), (h) => (analysis ? lensDescribe(h) : ""), (h) => { state.pos = analysis.residual.lens_positions[h.c]; runAnalysis(); });
   hover($("patch-map"), (h) => patchDescribe(h));
   $("run").addEventListener("click", () => { state.pos = null; runAnalysis(); });
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { state.pos = null; runAnalysis(); } });
