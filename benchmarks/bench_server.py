@@ -37,7 +37,7 @@ HOST = "127.0.0.1"  # loopback only: the benchmark never talks to any other addr
 IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 PROMPTS = [(IOI, " Mary"), ("The capital of France is", " Paris")]
-ANALYZE = dict(granularity="head", logit_lens=True, residual=True, top_k=10)  # a full page's analysis
+ANALYZE = dict(granularity="head", logit_lens=True, residual=True, top_k=20, predictions_k=5, lens_window=48)  # what the lab asks for
 CLIENTS = 4
 POLL_S = 0.05
 

@@ -1,24 +1,64 @@
-"""The API on a tiny model: each endpoint answers the CLI's JSON document; bad requests answer 422."""
+"""The API on a tiny model: each endpoint answers the CLI's JSON document; bad requests answer 422;
+the WebSockets stream the same documents; the lab page is served offline; prompts are bounded by
+``max_tokens``, requests by ``time_limit``, and a closed socket or a timed-out request frees the model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+import hexray.render.jsondoc as jsondoc_module
+import hexray.server.app as app_module
+from hexray.analysis.heads import classify_heads
 from hexray.analysis.report import AnalysisOptions, analyze
 from hexray.render.jsondoc import report_document
-from hexray.server.app import create_app
+from hexray.server.app import STATIC, Job, create_app
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+REPEATS = "The cat sat on the mat. The cat sat."  # repeated tokens: every prompt role has rows to score
+ROLES = {"induction", "duplicate_token", "previous_token", "bos"}
 
 
 @pytest.fixture(scope="module")
 def client(tiny_llama):
-    with TestClient(create_app(tiny_llama)) as c:
+    # a time limit well above any request here, so a socket that never finishes still ends the test
+    with TestClient(create_app(tiny_llama, time_limit=60)) as c:
         yield c
+
+
+def _stream(ws, request, limit: int = 1000) -> list[dict]:
+    """Send one request over ``ws`` and read its messages up to the ``done`` or ``error``."""
+    ws.send_text(request if isinstance(request, str) else json.dumps(request))
+    messages = []
+    for _ in range(limit):
+        messages.append(ws.receive_json())
+        if messages[-1]["type"] in ("done", "error"):
+            return messages
+    raise AssertionError(f"no done/error in {limit} messages: {[m['type'] for m in messages]}")
+
+
+def _health_until(client, predicate, tries: int = 500) -> dict:
+    """Poll /api/health (a bounded number of times) until ``predicate(body)``; the last body."""
+    for _ in range(tries):
+        body = client.get("/api/health").json()
+        if predicate(body):
+            return body
+        time.sleep(0.01)
+    return body
+
+
+def _without_type(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k != "type"}
 
 
 def _one_token(model, candidates=(" Mary", " John", " the", " a", " to")):
@@ -31,21 +71,39 @@ def test_health(client, tiny_llama):
     body = r.json()
     assert body["ok"] is True and body["model"] == tiny_llama.name
     assert body["model_info"]["n_layers"] == tiny_llama.spec.n_layers
+    assert body["busy"] is False and body["queued"] == 0 and isinstance(body["queued"], int)
+    assert body["max_tokens"] == 1024 and body["time_limit"] == 60
+
+
+def test_health_defaults(tiny_llama):
+    body = TestClient(create_app(tiny_llama)).get("/api/health").json()
+    assert (body["max_tokens"], body["time_limit"], body["busy"], body["queued"]) == (1024, 300, False, 0)
 
 
 def test_openapi_lists_every_endpoint(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/health", "/api/analyze", "/api/patch", "/api/ablate", "/api/heads", "/api/generate"} <= set(paths)
+    assert {"/api/health", "/api/analyze", "/api/attention", "/api/patch", "/api/ablate", "/api/heads", "/api/generate"} <= set(paths)
 
 
 def test_analyze_is_the_cli_document(client, tiny_llama):
     """The same document `hexray --prompt ... --json` prints (same options), to the last digit."""
     r = client.post("/api/analyze", json={"prompt": CLEAN, "granularity": "head", "top_k": 5})
     assert r.status_code == 200, r.text
-    expected = report_document(analyze(tiny_llama, CLEAN, AnalysisOptions(granularity="head", top_k=5, logit_lens=True, residual=True)))
+    # the API's head_scores (on by default) is the CLI's --logit-debug
+    options = AnalysisOptions(granularity="head", top_k=5, logit_lens=True, residual=True, logit_debug=True)
+    expected = report_document(analyze(tiny_llama, CLEAN, options))
     assert r.json() == json.loads(json.dumps(expected))
+    assert len(r.json()["head_scores"]) == tiny_llama.spec.n_layers
     total = sum(c["score"] for c in r.json()["components"])
     assert total == pytest.approx(r.json()["value"], abs=1e-3)
+    attn, mlp = r.json()["layer_totals"]["attn"], r.json()["layer_totals"]["mlp"]
+    assert sum(attn) + sum(mlp) == pytest.approx(sum(c["score"] for c in r.json()["components"] if c["kind"] in ("head", "mlp")), abs=1e-4)
+
+    r = client.post("/api/analyze", json={"prompt": CLEAN, "granularity": "layer", "head_scores": False, "predictions_k": 2})
+    assert r.status_code == 200, r.text
+    options = AnalysisOptions(granularity="layer", logit_lens=True, residual=True, predictions_k=2)
+    assert r.json() == json.loads(json.dumps(report_document(analyze(tiny_llama, CLEAN, options))))
+    assert "head_scores" not in r.json() and len(r.json()["predictions"]) == len(r.json()["tokens"])
 
 
 def test_patch_ablate_heads_generate(client, tiny_llama):
@@ -93,6 +151,13 @@ def test_websocket_streams_tokens_then_done(client):
         ("/api/heads", {"threshold": 2}, "threshold"),
         ("/api/generate", {"prompt": "The cat", "max_new_tokens": 0}, "max_new_tokens"),
         ("/api/generate", {"prompt": "The cat", "watch": "L99N0"}, "out of range"),
+        ("/api/attention", {"prompt": CLEAN, "layer": 99, "head": 0}, "layer 99"),
+        ("/api/attention", {"prompt": CLEAN, "layer": 0, "head": 99}, "head 99"),
+        ("/api/attention", {"prompt": CLEAN, "layer": -1, "head": 0}, "layer"),
+        ("/api/attention", {"prompt": CLEAN, "layer": 0}, "head"),
+        ("/api/attention", {"prompt": "", "layer": 0, "head": 0}, "prompt"),
+        ("/api/attention", {"prompt": "   ", "layer": 0, "head": 0}, "empty"),
+        ("/api/attention", {"prompt": CLEAN, "layer": 0, "head": 0, "seq_len": 40}, "--seq-len"),
     ],
 )
 def test_bad_requests_answer_422_with_a_message(client, path, body, needle):
@@ -116,13 +181,409 @@ def test_token_text_comes_back_as_data(client):
     assert "".join(r.json()["tokens"]).startswith("<img")
 
 
-def test_index_page_and_no_cdn_docs(client):
+def test_lab_page_and_its_assets_are_served_offline(client):
+    """``/`` is the lab (loading /static/lab.js); every asset is local; no CDN-backed /docs."""
     page = client.get("/")
-    assert page.status_code == 200 and "/api/analyze" in page.text
-    assert "cdn" not in page.text.lower()
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == (STATIC / "index.html").read_text(encoding="utf-8")
+    refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page.text)
+    assert "/static/lab.js" in refs and "/static/lab.css" in refs and "/static/favicon.svg" in refs
+    assert re.search(r"""<script\b[^>]*\bsrc=["']/static/lab\.js["']""", page.text)
+    for ref in refs:  # relative or same-origin: no scheme (http:, data:, javascript: ...) and no //host
+        assert not re.match(r"^([a-z][a-z0-9+.-]*:|//)", ref, re.IGNORECASE), ref
+        if ref.startswith("/static/"):
+            assert client.get(ref).status_code == 200, ref
+    for name, kind in [("lab.js", "javascript"), ("lab.css", "text/css"), ("favicon.svg", "image/svg+xml")]:
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"], (name, r.headers["content-type"])
+        assert r.content == (STATIC / name).read_bytes()
+    assert client.get("/static/nothing-here.js").status_code == 404
     assert client.get("/docs").status_code == 404  # swagger UI would pull scripts from a CDN
+    assert client.get("/redoc").status_code == 404
+
+
+def test_no_static_asset_references_an_external_url():
+    files = [f for f in STATIC.iterdir() if f.is_file()]
+    assert {"index.html", "lab.js", "lab.css", "favicon.svg"} <= {f.name for f in files}
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        if f.name.endswith(".svg"):  # an XML namespace is a name, never fetched
+            text = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        lowered = text.lower()
+        assert "http://" not in lowered and "https://" not in lowered and "//cdn" not in lowered, f.name
+        assert "@import" not in lowered and "url(http" not in lowered, f.name
+
+
+def test_the_page_script_only_calls_endpoints_that_exist(client):
+    """Every /api/... and /ws/... path lab.js names is a route of the app."""
+    script = (STATIC / "lab.js").read_text(encoding="utf-8")
+    called = set(re.findall(r"""["'`](/(?:api|ws)/[a-z_]+)""", script))
+    assert {"/ws/analyze", "/ws/patch", "/ws/generate", "/api/attention", "/api/health"} <= called
+    routes = {route.path for route in client.app.routes}
+    assert called <= routes, called - routes
+
+
+def test_api_page_lists_the_endpoints(client, tiny_llama):
+    r = client.get("/api")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for path in ("/api/health", "/api/analyze", "/api/attention", "/api/patch", "/api/generate", "/ws/analyze", "/ws/patch", "/ws/generate"):
+        assert path in r.text, path
+    assert "cdn" not in r.text.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# /api/attention
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classified(tiny_llama):
+    return classify_heads(tiny_llama, REPEATS)  # the request's defaults: seq_len 25, 4 sequences, seed 0
+
+
+def _bridge_pattern(model, prompt: str, layer: int, head: int) -> np.ndarray:
+    ids = model.encode(prompt)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == name)
+    return cache[name][0, head].float().numpy()
+
+
+@pytest.mark.parametrize("layer, head", [(0, 1), (1, 3)])
+def test_attention_is_the_bridge_pattern_and_the_heads_role_scores(client, tiny_llama, classified, layer, head):
+    spec = tiny_llama.spec
+    assert layer < spec.n_layers and head < spec.n_heads
+    r = client.post("/api/attention", json={"prompt": REPEATS, "layer": layer, "head": head})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    ids = tiny_llama.encode(REPEATS)
+    assert (doc["model"], doc["prompt"], doc["layer"], doc["head"], doc["name"]) == (tiny_llama.name, REPEATS, layer, head, f"L{layer}H{head}")
+    assert doc["tokens"] == list(tiny_llama.token_strs(ids))
+    pattern = np.array(doc["pattern"], dtype=float)
+    assert pattern.shape == (len(ids), len(ids))
+    expected = _bridge_pattern(tiny_llama, REPEATS, layer, head)
+    np.testing.assert_allclose(pattern, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(pattern.sum(axis=1), 1.0, atol=len(ids) * 5e-5 + 1e-6)
+    assert not np.triu(pattern, k=1).any()  # causal: nothing above the diagonal
+    assert set(doc["scores"]) == ROLES
+    for role in ROLES:
+        want = float(classified.scores[role][layer, head])
+        assert np.isfinite(want) and doc["scores"][role] == pytest.approx(want, abs=1e-5), role
+
+
+def test_attention_passes_the_induction_options_through(client, tiny_llama):
+    r = client.post("/api/attention", json={"prompt": REPEATS, "layer": 1, "head": 0, "seq_len": 10, "sequences": 2, "seed": 3})
+    assert r.status_code == 200, r.text
+    theirs = classify_heads(tiny_llama, REPEATS, seq_len=10, n_sequences=2, seed=3).scores["induction"][1, 0]
+    default = classify_heads(tiny_llama, REPEATS).scores["induction"][1, 0]
+    assert r.json()["scores"]["induction"] == pytest.approx(float(theirs), abs=1e-5)
+    assert abs(float(theirs) - float(default)) > 1e-5  # the options change the answer: a real check
+
+
+def test_attention_on_a_prompt_without_repeats_gives_null_scores(client):
+    """A role the prompt has no rows for is null (strict JSON), not NaN."""
+    r = client.post("/api/attention", json={"prompt": "hi", "layer": 0, "head": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"]["duplicate_token"] is None
+    assert isinstance(r.json()["scores"]["induction"], float)
+    assert len(r.json()["pattern"]) == len(r.json()["tokens"])
+
+
+def test_attention_tokens_come_back_as_data(client):
+    prompt = "<script>alert(1)</script>"
+    r = client.post("/api/attention", json={"prompt": prompt, "layer": 0, "head": 0})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["prompt"] == prompt
+    assert "".join(r.json()["tokens"]) == prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# WebSockets: /ws/analyze and /ws/patch stream, then end with the POST document
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ws_analyze_streams_layers_then_the_post_document(client, tiny_llama):
+    spec = tiny_llama.spec
+    request = {"prompt": CLEAN, "granularity": "head", "predictions_k": 3}
+    with client.websocket_connect("/ws/analyze") as ws:
+        messages = _stream(ws, request)
+    assert [m["type"] for m in messages] == ["layer"] * spec.n_layers + ["done"]
+    done = _without_type(messages[-1])
+    r = client.post("/api/analyze", json=request)
+    assert r.status_code == 200, r.text
+    assert done == r.json()
+    n_tokens = len(done["tokens"])
+    for layer, m in enumerate(messages[:-1]):
+        assert m["layer"] == layer and m["n_layers"] == spec.n_layers
+        assert len(m["heads"]) == spec.n_heads and m["heads"] == done["head_scores"][layer]
+        assert m["attn"] == done["layer_totals"]["attn"][layer] and m["mlp"] == done["layer_totals"]["mlp"][layer]
+        assert m["lens"] == done["logit_lens"]["layers"][layer + 1]  # row 0 is the embeddings
+        assert len(m["resid_norm"]) == n_tokens and m["resid_norm"] == done["residual"]["resid_norm"][layer + 1]
+    predictions = done["predictions"]
+    assert len(predictions) == n_tokens
+    for row in predictions:
+        assert len(row) == 3 and all(set(t) == {"token", "id", "logit", "prob"} for t in row)
+        probs = [t["prob"] for t in row]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert predictions[-1][0]["token"] == done["target"]["token"]  # no target given: the prediction
+
+
+@pytest.mark.parametrize(
+    "path, request_, needle",
+    [
+        ("/ws/analyze", {"prompt": CLEAN, "token_index": 999}, "--token-index 999"),  # found while working
+        ("/ws/analyze", {"prompt": CLEAN, "granularity": "atoms"}, "granularity"),  # found reading the request
+        ("/ws/analyze", "not json", ""),
+        ("/ws/patch", {"clean": CLEAN, "corrupt": "When John went to the store, Mary gave a drink to"}, "equal lengths"),
+        ("/ws/patch", {"clean": CLEAN, "corrupt": CORRUPT, "bogus": 1}, "bogus"),
+    ],
+)
+def test_ws_bad_request_is_one_error_message(client, path, request_, needle):
+    with client.websocket_connect(path) as ws:
+        ws.send_text(request_ if isinstance(request_, str) else json.dumps(request_))
+        message = ws.receive_json()
+        closing = ws.receive()
+    assert message["type"] == "error" and message["status"] == 422 and message["ok"] is False, message
+    assert message["error"] and needle in message["error"] + " " + str(message.get("hint"))
+    assert closing["type"] == "websocket.close"  # nothing after the error
+
+
+def test_ws_patch_reports_progress_then_the_post_document(client, tiny_llama):
+    spec = tiny_llama.spec
+    tokens = _one_token(tiny_llama)
+    request = {"clean": CLEAN, "corrupt": CORRUPT, "target": tokens[0], "contrast": tokens[1], "sweep": "heads", "batch_size": 3}
+    with client.websocket_connect("/ws/patch") as ws:
+        messages = _stream(ws, request)
+    types = [m["type"] for m in messages]
+    assert types[-1] == "done" and set(types[:-1]) == {"progress"}, types
+    progress = messages[:-1]
+    total = spec.n_layers * spec.n_heads
+    assert len(progress) == -(-total // 3) >= 2  # one message per chunk of 3 variants
+    dones = [m["done"] for m in progress]
+    assert all(m["total"] == total for m in progress)
+    assert all(a < b for a, b in zip(dones, dones[1:])) and dones[-1] == total
+    r = client.post("/api/patch", json=request)
+    assert r.status_code == 200, r.text
+    assert _without_type(messages[-1]) == r.json()
+    assert len(r.json()["results"]) == total
+
+
+# ---------------------------------------------------------------------------------------------
+# max_tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def _prefix_of_length(model, text: str, n: int) -> str:
+    """The shortest prefix of ``text`` that is exactly ``n`` tokens."""
+    for end in range(1, len(text) + 1):
+        if len(model.encode(text[:end])) == n:
+            return text[:end]
+    raise AssertionError(f"no prefix of {text!r} is {n} tokens")
+
+
+@pytest.fixture(scope="module")
+def small_client(tiny_llama):
+    with TestClient(create_app(tiny_llama, max_tokens=8, time_limit=60)) as c:
+        yield c
+
+
+def test_max_tokens_bounds_every_prompt(small_client, tiny_llama):
+    n = len(tiny_llama.encode(CLEAN))
+    assert n > 8
+    assert small_client.get("/api/health").json()["max_tokens"] == 8
+
+    r = small_client.post("/api/analyze", json={"prompt": CLEAN})
+    assert r.status_code == 422, r.text
+    assert f"{n} tokens" in r.json()["error"] and re.search(r"\b8\b", r.json()["error"]), r.json()
+
+    for path, body, field in [
+        ("/api/attention", {"prompt": CLEAN, "layer": 0, "head": 0}, "prompt"),
+        ("/api/patch", {"clean": CLEAN, "corrupt": CORRUPT}, "clean"),
+        ("/api/patch", {"clean": "The cat", "corrupt": CORRUPT}, "corrupt"),
+        ("/api/ablate", {"prompt": CLEAN, "components": "L0H1"}, "prompt"),
+        ("/api/heads", {"prompt": CLEAN}, "prompt"),
+        ("/api/generate", {"prompt": CLEAN, "max_new_tokens": 1}, "prompt"),
+    ]:
+        r = small_client.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"].startswith(field) and "at most 8" in r.json()["error"], (path, r.text)
+
+    with small_client.websocket_connect("/ws/generate") as ws:
+        messages = _stream(ws, {"prompt": CLEAN, "max_new_tokens": 2})
+    assert len(messages) == 1
+    message = messages[0]
+    assert message["type"] == "error" and message["status"] == 422
+    assert f"{n} tokens" in message["error"] and re.search(r"\b8\b", message["error"])
+
+
+def test_max_tokens_takes_a_prompt_of_exactly_the_limit(small_client, tiny_llama):
+    eight, nine = _prefix_of_length(tiny_llama, CLEAN, 8), _prefix_of_length(tiny_llama, CLEAN, 9)
+    r = small_client.post("/api/analyze", json={"prompt": eight})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["tokens"]) == 8
+    r = small_client.post("/api/analyze", json={"prompt": nine})
+    assert r.status_code == 422 and "9 tokens" in r.json()["error"], r.text
+    with small_client.websocket_connect("/ws/generate") as ws:
+        messages = _stream(ws, {"prompt": "The cat", "max_new_tokens": 2})
+    assert [m["type"] for m in messages] == ["token", "token", "done"]
+
+
+# ---------------------------------------------------------------------------------------------
+# cancelling: a closed socket or the time limit stops the work and frees the model
+# ---------------------------------------------------------------------------------------------
+
+
+def _slow_token_docs(monkeypatch, seconds: float) -> list:
+    """Make every generated token take at least ``seconds`` (real generation, throttled); count them."""
+    made = []
+    real = jsondoc_module.token_record_doc
+
+    def slow(record):
+        made.append(record.index)
+        time.sleep(seconds)
+        return real(record)
+
+    monkeypatch.setattr(jsondoc_module, "token_record_doc", slow)
+    return made
+
+
+def test_closing_the_socket_cancels_generation(client, tiny_llama, monkeypatch):
+    made = _slow_token_docs(monkeypatch, 0.02)
+    max_new = tiny_llama.spec.n_ctx - len(tiny_llama.encode("The cat"))  # as many as the context allows
+    with client.websocket_connect("/ws/generate") as ws:
+        ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": max_new}))
+        assert [ws.receive_json()["type"] for _ in range(2)] == ["token", "token"]
+    # leaving the block closed the socket: the model is free for the next request
+    r = client.post("/api/analyze", json={"prompt": "The cat", "top_k": 2})
+    assert r.status_code == 200, r.text
+    health = _health_until(client, lambda h: not h["busy"])
+    assert health["busy"] is False and health["queued"] == 0
+    stopped_at = len(made)
+    assert 2 <= stopped_at < max_new  # stopped at a token, long before the end
+    time.sleep(0.05)
+    assert len(made) == stopped_at  # and stays stopped
+
+
+def test_health_counts_queued_jobs(client, monkeypatch):
+    """A job waiting for the model shows in ``queued``; the model is ``busy`` while one runs."""
+    release, started = threading.Event(), threading.Event()
+    real = app_module._analysis
+
+    def gated(model, req):
+        started.set()
+        assert release.wait(30)
+        return real(model, req)
+
+    monkeypatch.setattr(app_module, "_analysis", gated)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(client.post, "/api/analyze", json={"prompt": "The cat", "top_k": 2})
+            assert started.wait(30)
+            second = pool.submit(client.post, "/api/analyze", json={"prompt": "The dog", "top_k": 2})
+            health = _health_until(client, lambda h: h["queued"] == 1)
+            assert health["busy"] is True and health["queued"] == 1
+        finally:
+            release.set()
+        assert first.result(timeout=60).status_code == 200 and second.result(timeout=60).status_code == 200
+    health = _health_until(client, lambda h: not h["busy"])
+    assert health["busy"] is False and health["queued"] == 0
+
+
+@pytest.fixture()
+def slow_steps(monkeypatch):
+    """Each step of streamed/checked work (Job.emit: a patching chunk, a token) takes at least 50 ms; counted."""
+    steps = []
+    real = Job.emit
+
+    def slow(self, message):
+        steps.append(message.get("type"))
+        time.sleep(0.05)
+        real(self, message)
+
+    monkeypatch.setattr(Job, "emit", slow)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def hasty_client(tiny_llama):
+    # 2 s: far above a small request (even a cold one), far below the slowed sweep below
+    with TestClient(create_app(tiny_llama, time_limit=2)) as c:
+        yield c
+
+
+def _patch_everything(model) -> dict:
+    """Real patching work of hundreds of chunks: >= 15 s at 50 ms a step, far past a 2 s limit."""
+    tokens = _one_token(model)
+    return {"clean": CLEAN, "corrupt": CORRUPT, "target": tokens[0], "contrast": tokens[1], "sweep": "all", "batch_size": 1}
+
+
+def test_time_limit_answers_504_and_frees_the_model(hasty_client, tiny_llama, slow_steps):
+    r = hasty_client.post("/api/patch", json=_patch_everything(tiny_llama))
+    assert r.status_code == 504, r.text
+    doc = r.json()
+    assert doc["ok"] is False and doc["status"] == 504 and "longer than 2 s" in doc["error"] and "time-limit" in str(doc["hint"])
+    health = _health_until(hasty_client, lambda h: not h["busy"])
+    assert health["busy"] is False
+    n = len(slow_steps)
+    assert 0 < n < 100  # the job stopped at a chunk, not at the end of the sweep
+    r = hasty_client.post("/api/attention", json={"prompt": "The cat", "layer": 0, "head": 0})  # small work still runs
+    assert r.status_code == 200, r.text
+
+
+def test_ws_time_limit_is_an_error_message_and_frees_the_model(hasty_client, tiny_llama, slow_steps):
+    with hasty_client.websocket_connect("/ws/patch") as ws:
+        messages = _stream(ws, _patch_everything(tiny_llama))
+    assert messages[-1]["type"] == "error" and messages[-1]["status"] == 504 and "longer than 2 s" in messages[-1]["error"]
+    assert {m["type"] for m in messages[:-1]} <= {"progress"}
+    health = _health_until(hasty_client, lambda h: not h["busy"])
+    assert health["busy"] is False and 0 < len(slow_steps) < 100
+    with hasty_client.websocket_connect("/ws/generate") as ws:
+        messages = _stream(ws, {"prompt": "The cat", "max_new_tokens": 1})
+    assert [m["type"] for m in messages] == ["token", "done"]
 
 
 def test_serve_rejects_a_bad_port_before_loading(cli):
     r = cli("no-load", "serve", "--port", "70000")
     assert r.code == 2 and r.out == "" and r.err.count("\n") == 1 and "--port 70000" in r.err
+
+
+# ---------------------------------------------------------------------------------------------
+# a departed client, a HexRay bug inside a socket job, and every prompt-like input bounded
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_close_frame_from_the_client_cancels_the_work(client, tiny_llama, monkeypatch):
+    made = _slow_token_docs(monkeypatch, 0.02)
+    max_new = 20
+    with client.websocket_connect("/ws/generate") as ws:
+        ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": max_new}))
+        assert [ws.receive_json()["type"] for _ in range(2)] == ["token", "token"]
+        ws.close()  # the client says goodbye; TestClient only cancels the app task when the block ends
+        health = _health_until(client, lambda h: not h["busy"])
+        generated = len(made)
+    assert health["busy"] is False
+    assert generated < max_new  # the goodbye stopped the generation
+
+
+def test_ws_unexpected_failure_is_a_prompt_500_message(tiny_llama, monkeypatch):
+    def broken(model, req):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_module, "_analysis", broken)
+    messages = []
+    with TestClient(create_app(tiny_llama, time_limit=1)) as c:
+        with c.websocket_connect("/ws/analyze") as ws:
+            messages = _stream(ws, {"prompt": "The cat"})
+    assert messages and messages[-1]["type"] == "error" and messages[-1]["status"] == 500, messages
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/api/generate", {"prompt": "The", "text": CLEAN}),
+        ("/api/ablate", {"prompt": "The cat", "components": "L0H1", "mode": "mean", "reference": [CLEAN]}),
+    ],
+)
+def test_max_tokens_bounds_forced_text_and_reference_prompts(small_client, tiny_llama, path, body):
+    assert len(tiny_llama.encode(CLEAN)) > 8
+    r = small_client.post(path, json=body)
+    assert r.status_code == 422 and "at most 8" in r.json()["error"], r.text

@@ -133,7 +133,8 @@ def analysis_layer_docs(report: Report) -> list[dict]:
     logit-lens row after the layer and the residual norm after it at every position.
     """
     spec, a = report.spec, report.attribution
-    heads = a.head_matrix(spec.n_layers, spec.n_heads) if a.granularity == "head" else None
+    per_head = report.head_attribution if report.head_attribution is not None else a
+    heads = per_head.head_matrix(spec.n_layers, spec.n_heads) if per_head.granularity == "head" else None
     attn, mlp = a.layer_totals(spec.n_layers)
     lens = lens_doc(report.logit_lens)["layers"] if report.logit_lens is not None else None
     docs = []

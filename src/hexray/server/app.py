@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable
 from importlib import resources
@@ -30,6 +31,7 @@ from hexray.server.schemas import (
 )
 
 STATIC = resources.files("hexray.server") / "static"
+log = logging.getLogger("hexray.server")
 
 
 class Cancelled(Exception):
@@ -117,8 +119,22 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
                 pass
             except HexRayError as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **exc.to_dict()})
+            except Exception as exc:  # a HexRay bug: say so now, not at the time limit
+                log.exception("websocket job failed")
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "hint": None, "status": 500})
+
+        async def watch_close() -> None:
+            """The client's close frame stops the work at its next step, even while nothing is sent."""
+            try:
+                while (await ws.receive())["type"] != "websocket.disconnect":
+                    pass
+            except Exception:  # the socket is already gone
+                pass
+            job.stop.set()
+            queue.put_nowait(None)
 
         task = asyncio.create_task(asyncio.to_thread(run))
+        watcher = asyncio.create_task(watch_close())
         deadline = loop.time() + time_limit
         try:
             while True:
@@ -127,6 +143,8 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
                 except TimeoutError:
                     job.stop.set()
                     message = {"type": "error", **_timeout().to_dict()}
+                if message is None:  # the client left: nothing more to send
+                    return
                 await ws.send_text(json.dumps(message, allow_nan=False))
                 if message["type"] in ("done", "error"):
                     break
@@ -134,12 +152,15 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         except WebSocketDisconnect:
             pass
         finally:
+            watcher.cancel()
             job.stop.set()  # a closed socket cancels the work at its next step
             await task
 
     def _check_request(req: BaseModel) -> None:
-        for field in ("prompt", "clean", "corrupt"):
+        for field in ("prompt", "clean", "corrupt", "text"):
             check_length(getattr(req, field, None), field)
+        for i, reference in enumerate(getattr(req, "reference", None) or ()):
+            check_length(reference, f"reference[{i}]")
 
     @app.exception_handler(HexRayError)
     async def hexray_error(_: Request, exc: HexRayError) -> JSONResponse:

@@ -52,7 +52,7 @@ class AblateRequest(_Request):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     components: str = Field(min_length=1, max_length=2000)
     mode: Literal["zero", "mean", "resample"] = "zero"
-    reference: list[str] | None = None
+    reference: list[str] | None = Field(None, max_length=256)
     samples: int = Field(8, ge=1, le=64)
     seed: int = 0
     target: str | None = None
