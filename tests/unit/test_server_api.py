@@ -4,7 +4,6 @@ the WebSockets stream the same documents; the lab page is served offline; prompt
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -587,3 +586,28 @@ def test_max_tokens_bounds_forced_text_and_reference_prompts(small_client, tiny_
     assert len(tiny_llama.encode(CLEAN)) > 8
     r = small_client.post(path, json=body)
     assert r.status_code == 422 and "at most 8" in r.json()["error"], r.text
+
+
+def test_serve_refuses_a_taken_port_and_bad_limits_before_loading(cli):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = cli("no-load", "serve", "--port", str(port))
+    assert r.code == 2 and r.err.count("\n") == 1 and f"127.0.0.1:{port}" in r.err and "--port" in r.err
+    r = cli("no-load", "serve", "--max-tokens", "0")
+    assert r.code == 2 and "--max-tokens" in r.err
+
+
+def test_open_waits_for_the_server_then_opens_the_lab(monkeypatch):
+    import socket
+    import webbrowser
+
+    from hexray import cli as cli_module
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        cli_module._open_when_listening("127.0.0.1", port, f"http://127.0.0.1:{port}/", wait=5)
+    assert opened == [f"http://127.0.0.1:{port}/"]

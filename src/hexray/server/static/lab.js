@@ -472,7 +472,8 @@ function renderLens() {
   const res = analysis && analysis.residual, lens = analysis && analysis.logit_lens;
   if (!res || !lens) { emptyCanvas(canvas, "run an analysis"); return; }
   const cols = res.lens_positions, nRows = res.rows.length;
-  const cw = cols.length * 58 <= 2600 ? 58 : Math.max(6, Math.floor(2600 / cols.length));
+  const fit = Math.floor((canvas.parentElement.clientWidth - 150) / cols.length);  // fit the panel when cells stay readable
+  const cw = Math.max(30, Math.min(58, fit));
   drawGrid(canvas, {
     rows: nRows, cols: cols.length, cw, ch: 16, rotate: true,
     rowLabels: res.rows, colLabels: cols.map((p) => showTok(analysis.tokens[p])),
@@ -491,7 +492,7 @@ function renderLens() {
     },
   });
   const [x] = canvas.cellCenter(0, Math.max(0, cols.indexOf(analysis.position)));
-  canvas.parentElement.scrollLeft = x - canvas.parentElement.clientWidth / 2;  // the explained column in view
+  canvas.parentElement.scrollLeft = Math.max(0, x + 130 - canvas.parentElement.clientWidth);  // the explained column and ranks in view
 }
 
 function lensDescribe({ r, c }) {
