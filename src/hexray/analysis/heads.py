@@ -124,8 +124,7 @@ def head_attention(
 ) -> HeadAttention:
     """One head's attention pattern on ``prompt`` and its role scores (what clicking a head shows).
 
-    Runs only as far as ``layer`` needs: the prompt once and the induction data once, caching one
-    layer's pattern each time.
+    Two forward passes, the prompt and the induction data, each caching only ``layer``'s pattern.
     """
     spec = model.spec
     if not 0 <= layer < spec.n_layers:

@@ -556,7 +556,6 @@ function renderHead() {
   drawGrid(canvas, {
     rows: n, cols: n, cw: cs, ch: cs, rotate: true, rowLabels: labels.map((l) => clip(l, 14)), colLabels: labels,
     color: (r, c) => (c > r ? css("--bg") : sequential(headDoc.pattern[r][c])),
-    mark: analysis && analysis.position < n ? [] : [],
   });
 }
 
