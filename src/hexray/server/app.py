@@ -79,10 +79,19 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             lock.release()
 
     def check_length(text: str | None, field: str) -> None:
-        if text is not None and len(model.encode(text)) > max_tokens:
-            raise HexRayError(f"{field} is {len(model.encode(text))} tokens; this server takes at most {max_tokens}", hint="shorten it, or restart with a larger --max-tokens")
+        n = 0 if text is None else len(model.encode(text))
+        if n > max_tokens:
+            raise HexRayError(f"{field} is {n} tokens; this server takes at most {max_tokens}", hint="shorten it, or restart with a larger --max-tokens")
 
-    async def on_model(work: Callable[[Job], dict]) -> dict:
+    def check_request(req: BaseModel) -> None:
+        """Every prompt-like input within ``max_tokens``, before the request queues for the model."""
+        for field in ("prompt", "clean", "corrupt", "text"):
+            check_length(getattr(req, field, None), field)
+        for i, reference in enumerate(getattr(req, "reference", None) or ()):
+            check_length(reference, f"reference[{i}]")
+
+    async def on_model(req: BaseModel, work: Callable[[Job], dict]) -> dict:
+        check_request(req)
         job = Job()
         try:
             return await asyncio.wait_for(asyncio.to_thread(locked, job, work), timeout=time_limit)
@@ -98,7 +107,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         await ws.accept()
         try:
             req = request_type.model_validate_json(await ws.receive_text())
-            _check_request(req)
+            check_request(req)
         except WebSocketDisconnect:
             return
         except HexRayError as exc:
@@ -156,12 +165,6 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             job.stop.set()  # a closed socket cancels the work at its next step
             await task
 
-    def _check_request(req: BaseModel) -> None:
-        for field in ("prompt", "clean", "corrupt", "text"):
-            check_length(getattr(req, field, None), field)
-        for i, reference in enumerate(getattr(req, "reference", None) or ()):
-            check_length(reference, f"reference[{i}]")
-
     @app.exception_handler(HexRayError)
     async def hexray_error(_: Request, exc: HexRayError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
@@ -188,29 +191,25 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
     @app.post("/api/analyze")
     async def analyze_prompt(req: AnalyzeRequest) -> dict:
-        _check_request(req)
-        return await on_model(lambda job: jsondoc.report_document(_analysis(model, req)))
+        return await on_model(req, lambda job: jsondoc.report_document(_analysis(model, req)))
 
     @app.post("/api/attention")
     async def attention(req: AttentionRequest) -> dict:
         from hexray.analysis.heads import head_attention
 
-        _check_request(req)
-        return await on_model(lambda job: jsondoc.head_attention_document(head_attention(
+        return await on_model(req, lambda job: jsondoc.head_attention_document(head_attention(
             model, req.prompt, req.layer, req.head, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
         )))
 
     @app.post("/api/patch")
     async def patch(req: PatchRequest) -> dict:
-        _check_request(req)
-        return await on_model(lambda job: _patching(model, req, job))
+        return await on_model(req, lambda job: _patching(model, req, job))
 
     @app.post("/api/ablate")
     async def ablate(req: AblateRequest) -> dict:
         from hexray.intervene.ablation import ablate as run_ablation
 
-        _check_request(req)
-        return await on_model(lambda job: jsondoc.ablation_document(run_ablation(
+        return await on_model(req, lambda job: jsondoc.ablation_document(run_ablation(
             model, req.prompt, req.components, mode=req.mode, reference=req.reference, samples=req.samples,
             seed=req.seed, target=req.target, contrast=req.contrast, token_index=req.token_index, k=req.top_k,
         ), model.spec))
@@ -219,15 +218,12 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     async def heads(req: HeadsRequest) -> dict:
         from hexray.analysis.heads import classify_heads
 
-        _check_request(req)
-        return await on_model(lambda job: jsondoc.heads_document(classify_heads(
+        return await on_model(req, lambda job: jsondoc.heads_document(classify_heads(
             model, req.prompt, threshold=req.threshold, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
         ), model.spec))
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest) -> dict:
-        _check_request(req)
-
         def work(job: Job) -> dict:
             run = _generation(model, req)
             tokens = []
@@ -236,7 +232,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
                 tokens.append(jsondoc.token_record_doc(record))
             return {"tokens": tokens, **jsondoc.generation_done_doc(run.result())}
 
-        return await on_model(work)
+        return await on_model(req, work)
 
     @app.websocket("/ws/analyze")
     async def analyze_stream(ws: WebSocket) -> None:

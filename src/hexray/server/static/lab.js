@@ -400,21 +400,26 @@ function headGrid(doc) {
   return { info, heads, nHeadCols, cell };
 }
 
-function renderDLA() {
-  const canvas = $("dla-map");
-  if (!analysis) { emptyCanvas(canvas, "run an analysis"); return; }
-  const { info, heads, nHeadCols, cell } = headGrid(analysis);
+// The layers x (heads | attn) + MLP map; cell(r, c) is null where a layer has not arrived yet. Returns the colour scale.
+function drawHeadMap(nLayers, nHeadCols, headLabels, cell, mark = []) {
   const values = [];
-  for (let r = 0; r < info.n_layers; r++) for (let c = 0; c <= nHeadCols; c++) values.push(cell(r, c));
+  for (let r = 0; r < nLayers; r++) for (let c = 0; c <= nHeadCols; c++) values.push(cell(r, c));
   const scale = maxAbs(values);
-  const [sl, sh] = state.head ? state.head.slice(1).split("H").map(Number) : [null, null];
-  drawGrid(canvas, {
-    rows: info.n_layers, cols: nHeadCols + 1, cw: 30, ch: 16, gapBefore: nHeadCols,
-    rowLabels: Array.from({ length: info.n_layers }, (_, i) => `L${i}`),
-    colLabels: [...(heads ? Array.from({ length: nHeadCols }, (_, i) => `H${i}`) : ["attn"]), "MLP"],
+  drawGrid($("dla-map"), {
+    rows: nLayers, cols: nHeadCols + 1, cw: 30, ch: 16, gapBefore: nHeadCols,
+    rowLabels: rowNames(nLayers), colLabels: [...headLabels, "MLP"],
     color: (r, c) => diverging(cell(r, c), scale),
-    mark: [{ r: sl, c: sh }],
+    mark,
   });
+  return scale;
+}
+
+function renderDLA() {
+  if (!analysis) { emptyCanvas($("dla-map"), "run an analysis"); return; }
+  const { info, heads, nHeadCols, cell } = headGrid(analysis);
+  const [sl, sh] = state.head ? state.head.slice(1).split("H").map(Number) : [null, null];
+  const headLabels = heads ? Array.from({ length: nHeadCols }, (_, i) => `H${i}`) : ["attn"];
+  const scale = drawHeadMap(info.n_layers, nHeadCols, headLabels, cell, [{ r: sl, c: sh }]);
   const err = analysis.reconstruction_error;
   const s = $("sumcheck");
   s.replaceChildren();
@@ -435,14 +440,8 @@ function renderDLA() {
 function drawPartialDLA(nLayers) {
   if (!partialHeads.length || !partialHeads[0].heads) return;
   const nHeads = partialHeads[0].heads.length;
-  const values = partialHeads.flatMap((m) => (m ? [...m.heads, m.mlp] : []));
-  const scale = maxAbs(values);
-  drawGrid($("dla-map"), {
-    rows: nLayers, cols: nHeads + 1, cw: 30, ch: 16, gapBefore: nHeads,
-    rowLabels: Array.from({ length: nLayers }, (_, i) => `L${i}`),
-    colLabels: [...Array.from({ length: nHeads }, (_, i) => `H${i}`), "MLP"],
-    color: (r, c) => (partialHeads[r] ? diverging(c < nHeads ? partialHeads[r].heads[c] : partialHeads[r].mlp, scale) : css("--bg")),
-  });
+  const cell = (r, c) => (partialHeads[r] ? (c < nHeads ? partialHeads[r].heads[c] : partialHeads[r].mlp) : null);
+  drawHeadMap(nLayers, nHeads, Array.from({ length: nHeads }, (_, i) => `H${i}`), cell);
 }
 
 function dlaDescribe({ r, c }) {
