@@ -46,6 +46,14 @@ def smol():
 
 
 @pytest.fixture(scope="module")
+def untouched(smol):
+    """The same weights loaded by plain transformers, never wrapped by the bridge (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smol.checkpoint, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def france(smol):
     run = TracedGeneration(smol, FRANCE, GenerationOptions(max_new_tokens=N_NEW, stop_at_eos=False))
     records = list(run)
@@ -59,9 +67,9 @@ def named_steps(smol):
     return run, records, run.result()
 
 
-def test_traced_greedy_equals_hf_generate(smol, france):
+def test_traced_greedy_equals_hf_generate(untouched, france):
     run, records, result = france
-    reference = plain_greedy(smol, run.prompt_ids, N_NEW)
+    reference = plain_greedy(untouched, run.prompt_ids, N_NEW)
     assert len(reference) == N_NEW  # HF generate did not stop early, so all 16 tokens are compared
     assert list(result.generated_ids) == reference
     assert records[0].token == " Paris"

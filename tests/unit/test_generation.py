@@ -1,7 +1,7 @@
 """Traced generation (``hexray.generation``) on the tiny GPT-2 and Llama models.
 
 Expected numbers come from outside the tracer wherever possible: Hugging Face ``generate``
-(``plain_greedy``) for the tokens, and one full, non-cached ``bridge.run_with_cache`` pass over
+(``plain_greedy``) of a copy of the model the bridge never wrapped for the tokens, and one full, non-cached ``bridge.run_with_cache`` pass over
 prompt + generated tokens for logits, watched activations and the routed (per-source) attribution.
 """
 
@@ -68,9 +68,9 @@ def independent_routed(model, cache, position: int, token_id: int) -> np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
-def test_traced_greedy_equals_hf_generate(tiny_model):
+def test_traced_greedy_equals_hf_generate(tiny_model, tiny_hf_model):
     run, records, result = traced(tiny_model, max_new_tokens=N_NEW, stop_at_eos=False)
-    reference = plain_greedy(tiny_model, run.prompt_ids, N_NEW)
+    reference = plain_greedy(tiny_hf_model, run.prompt_ids, N_NEW)
     # HF generate stops at EOS; here it must run the full length so the comparison is complete
     assert len(reference) == N_NEW
     assert [r.id for r in records] == reference
@@ -97,6 +97,16 @@ def test_logits_and_probs_match_a_full_forward_pass(tiny_model):
         prob = float(torch.softmax(logits[r.position].double(), -1)[r.id])
         assert r.prob == pytest.approx(prob, abs=1e-5)
         assert r.token == tiny_model.token_str(r.id)
+
+
+def test_every_step_attends_to_the_whole_sequence_so_far(tiny_model):
+    """Step n's query sees prompt + n keys; a step run without its KV cache would see one."""
+    run, records, _ = traced(tiny_model, max_new_tokens=N_NEW, stop_at_eos=False)
+    n_prompt = len(run.prompt_ids)
+    for n, r in enumerate(records):
+        assert r.source_attention.shape == (n_prompt + n,)
+        assert float(r.source_attention.sum(dtype=np.float64)) == pytest.approx(1.0, abs=1e-5)  # softmax rows, averaged
+    assert float(records[-1].source_attention[:n_prompt].sum()) > 0.0  # the last token still reads the prompt
 
 
 def test_a_traced_generation_runs_once(tiny_gpt2):
@@ -188,7 +198,7 @@ def test_teacher_forcing_the_greedy_text_gives_the_same_records(tiny_gpt2):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sampling_is_reproducible_with_a_seed_and_varies_across_seeds(tiny_model):
+def test_sampling_is_reproducible_with_a_seed_and_varies_across_seeds(tiny_model, tiny_hf_model):
     def sample(seed):
         _, records, _ = traced(tiny_model, max_new_tokens=8, temperature=1.0, seed=seed, stop_at_eos=False)
         return [r.id for r in records]
@@ -198,7 +208,7 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_across_seeds(tiny_model
     assert len(first) == 8
     others = [sample(seed) for seed in (1, 2, 3, 4)]
     assert any(o != first for o in others), "five seeds gave the same sampled sequence"
-    greedy = plain_greedy(tiny_model, tiny_model.encode(PROMPT), 8)
+    greedy = plain_greedy(tiny_hf_model, tiny_model.encode(PROMPT), 8)
     assert any(s != greedy for s in [first, *others]), "sampling at temperature 1 never left the greedy path"
 
 
@@ -414,7 +424,7 @@ def test_text_ignores_max_new_tokens(tiny_gpt2):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_interrupting_keeps_what_was_generated(tiny_model):
+def test_interrupting_keeps_what_was_generated(tiny_model, tiny_hf_model):
     run = TracedGeneration(tiny_model, PROMPT, GenerationOptions(max_new_tokens=10, stop_at_eos=False))
     seen = []
     for record in run:
@@ -426,7 +436,7 @@ def test_interrupting_keeps_what_was_generated(tiny_model):
     assert result.stop_reason == "interrupted"
     assert len(result.generated_ids) == 3
     assert list(result.generated_ids) == [r.id for r in seen]
-    assert result.generated_ids == tuple(plain_greedy(tiny_model, run.prompt_ids, 3))
+    assert result.generated_ids == tuple(plain_greedy(tiny_hf_model, run.prompt_ids, 3))
     assert len(result.records) == 3
     assert result.scores.shape == (3, len(result.components))
     assert result.text == tiny_model.tokenizer.decode([r.id for r in seen])

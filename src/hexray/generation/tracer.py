@@ -28,7 +28,7 @@ from hexray.generation.results import GenerationResult, StopReason, TokenRecord
 from hexray.generation.steps import reasoning_steps
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
-from hexray.tracing.engine import Trace, tokenize_prompt
+from hexray.tracing.engine import IncrementalRun, Trace, tokenize_prompt
 from hexray.tracing.sites import Component, parse_components
 
 
@@ -147,10 +147,10 @@ class TracedGeneration:
         eos = self._eos_ids() if opts.stop_at_eos and self.forced is None else set()
         n_new = len(self.forced) if self.forced is not None else opts.max_new_tokens
         tokens = torch.tensor([self.prompt_ids])
-        cache = None
+        run = IncrementalRun(model)
         position = len(self.prompt_ids) - 1
         for index in range(n_new):
-            acts, logits, cache = self._step(tokens, cache)
+            acts, logits = self._step(run, tokens)
             logits = logits.float()  # [d_vocab] at the predicting position
             if self.forced is not None:
                 next_id = int(self.forced[index])
@@ -168,7 +168,7 @@ class TracedGeneration:
             tokens = torch.tensor([[next_id]])
             position += 1
 
-    def _step(self, tokens: torch.Tensor, cache):
+    def _step(self, run: IncrementalRun, tokens: torch.Tensor):
         """One (incremental) forward pass; activations at the last position only, values in full."""
         store: dict[str, torch.Tensor] = {}
 
@@ -178,10 +178,7 @@ class TracedGeneration:
 
             return keep
 
-        with torch.inference_mode():
-            logits, cache = self.model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[(n, keeper(n)) for n in self.hooks], return_type="logits_and_cache", past_key_values=cache, use_cache=True
-            )
+        logits = run.step(tokens, [(n, keeper(n)) for n in self.hooks])
         acts = {}
         for name, x in store.items():
             x = x[0]
@@ -193,7 +190,7 @@ class TracedGeneration:
             else:
                 acts[name] = x[-1:]
         self._n_values += tokens.shape[1]
-        return acts, logits[0, -1], cache
+        return acts, logits[-1]
 
     def _record(self, index: int, position: int, next_id: int, logits: torch.Tensor, acts: dict[str, torch.Tensor]) -> TokenRecord:
         model, opts, spec = self.model, self.options, self.model.spec
@@ -282,9 +279,17 @@ def generate_traced(model: LoadedModel, prompt: str, options: GenerationOptions 
     return run.result()
 
 
-def plain_greedy(model: LoadedModel, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-    """Untraced greedy generation with the HF model itself (the reference for tests and benchmarks)."""
-    hf = model.bridge.original_model
+def plain_greedy(hf_model, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Untraced greedy generation with a plain Hugging Face model (the reference for tests and benchmarks).
+
+    Pass a model the bridge never wrapped: booting the bridge replaces the HF model's modules, so
+    the bridged model's own ``generate`` is no independent reference.
+    """
+    config = hf_model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    device = hf_model.get_input_embeddings().weight.device
     with torch.inference_mode():
-        out = hf.generate(torch.tensor([list(token_ids)]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+        out = hf_model.generate(torch.tensor([list(token_ids)], device=device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return out[0, len(token_ids) :].tolist()

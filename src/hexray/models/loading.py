@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 
 from hexray.errors import HexRayError
+from hexray.models.compat import accept_renamed_kv_cache
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_NAMES = {None, "", "smollm2", "smollm2-135m", EMBEDDED_MODEL, "embedded"}
@@ -87,15 +88,21 @@ class LoadedModel:
     Holds no analysis state; every analysis takes it as an argument.
     """
 
-    def __init__(self, bridge, tokenizer, spec: ModelSpec):
+    def __init__(self, bridge, tokenizer, spec: ModelSpec, checkpoint: str = ""):
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.spec = spec
+        self.checkpoint = checkpoint  # the folder or hub id the weights came from
         self._token_text: dict[int, str] = {}  # decode is slow per call; token texts never change
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go: the embedding's device (the first one when the model is split)."""
+        return self.bridge.original_model.get_input_embeddings().weight.device
 
     # -- tokens ---------------------------------------------------------------------------
     def encode(self, text: str, *, prepend_bos: bool | None = None) -> list[int]:
@@ -306,7 +313,8 @@ def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedMod
             hint="HexRay supports the causal LMs TransformerBridge supports",
         ) from exc
     bridge.eval()
-    return LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source))
+    accept_renamed_kv_cache(bridge)
+    return LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source), checkpoint=where)
 
 
 def _spec(bridge, hf_model, name: str, source: str) -> ModelSpec:

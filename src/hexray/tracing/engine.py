@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -81,3 +82,35 @@ def resolve_position(index: int, n_tokens: int) -> int:
             hint=f"use 0..{n_tokens - 1}, or -1..-{n_tokens} from the end",
         )
     return pos
+
+
+class IncrementalRun:
+    """KV-cached forward passes over one growing sequence, with the cache owned here.
+
+    The cache object is created once and handed to every step, and HF extends it in place, so
+    nothing depends on which output field (``past_key_values`` before transformers 5.24, ``cache``
+    after) carries it back. After each step the cache must hold exactly the tokens run so far;
+    a step that ran without its context would otherwise look like a plausible wrong answer.
+    """
+
+    def __init__(self, model: LoadedModel):
+        from transformers import DynamicCache
+
+        hf = model.bridge.original_model
+        self.model = model
+        self.cache = DynamicCache(config=hf.config)
+        # transformers renamed forward's ``past_key_values`` to ``cache`` (5.24); pass what it takes
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        self.n_tokens = 0
+
+    def step(self, tokens: torch.Tensor, fwd_hooks: list) -> torch.Tensor:
+        """Run ``tokens`` ([1, new]) after everything run before; the logits, [new, d_vocab]."""
+        new = tokens.shape[1]
+        with torch.inference_mode():
+            logits = self.model.bridge.run_with_hooks(
+                tokens.to(self.model.device), fwd_hooks=fwd_hooks, return_type="logits", use_cache=True, **{self._cache_kwarg: self.cache}
+            )
+        self.n_tokens += new
+        if self.cache.get_seq_length() != self.n_tokens:  # a HexRay/library mismatch, never user input
+            raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} tokens after {self.n_tokens} were run")
+        return logits[0]
