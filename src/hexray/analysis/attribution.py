@@ -10,6 +10,13 @@ norm's scale at ``p`` is fixed to its cached value::
 embeddings, each attention head (``z_h @ W_O[h]``) or layer, and each MLP layer or neuron
 (``post_n * W_out[n]``); every bias (attention ``b_O``, MLP ``b_out``, the norm's bias, ``b_U``) is
 the constant, reported as its own ``bias`` component. The parts therefore sum to the logit.
+
+Models with post-norms (Gemma 2/3) normalise what attention and the MLP write before it joins the
+residual stream. With that norm's scale at ``p`` fixed to its cached value it is linear too, so a
+head's share is ``z_h W_O[h] . (w_post * d / scale_post)``, exactly like the final norm.
+
+With logit soft-capping (``logit = cap * tanh(z / cap)``) the components add up to the pre-cap
+logit ``z``, which is what is explained (the capped logit is not linear in anything).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ def attribution_hooks(spec: ModelSpec, granularity: Granularity) -> set[str]:
     for layer in range(spec.n_layers):
         hooks.add(sites.attn_out(layer) if granularity == "layer" else sites.head_z(layer))
         hooks.add(sites.mlp_post(layer) if granularity == "neuron" else sites.mlp_out(layer))
+        if spec.post_norms:
+            hooks |= {sites.post_norm_scale(layer, "attn"), sites.post_norm_scale(layer, "mlp")}
     return hooks
 
 
@@ -65,6 +74,29 @@ def residual_direction(model: LoadedModel, trace: Trace, position: int, u: torch
     return d / scale
 
 
+def write_directions(model: LoadedModel, acts, position: int, d: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the directions that attention's and the MLP's raw outputs project onto: [d_model] each.
+
+    ``d`` itself unless the model has post-norms; then ``w_post * d / scale_post`` at ``position``.
+    """
+    n = model.spec.n_layers
+    if not model.spec.post_norms:
+        return [d] * n, [d] * n
+    attn, mlp = [], []
+    for layer, (w_attn, w_mlp) in enumerate(model.post_norms):
+        attn.append(w_attn * d / acts[sites.post_norm_scale(layer, "attn")][position].reshape(-1)[0])
+        mlp.append(w_mlp * d / acts[sites.post_norm_scale(layer, "mlp")][position].reshape(-1)[0])
+    return attn, mlp
+
+
+def explained_logits(model: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """The logits attribution explains: the model's own, or the pre-cap ones under soft-capping."""
+    cap = model.spec.logit_softcap
+    if not cap:
+        return logits
+    return cap * torch.atanh((logits.double() / cap).clamp(-1 + 1e-12, 1 - 1e-12))
+
+
 def direct_logit_attribution(
     model: LoadedModel,
     trace: Trace,
@@ -87,30 +119,31 @@ def direct_logit_attribution(
     u, b_u_const = logit_direction(model, target_id, contrast)
     d = residual_direction(model, trace, pos, u)  # [d_model]
     acts = trace.acts
+    d_attn, d_mlp = write_directions(model, acts, pos, d)
 
     scores: list[tuple[Component, float]] = []
     embed = acts[sites.EMBED][pos] + (acts[sites.POS_EMBED][pos] if sites.POS_EMBED in acts else 0)
     scores.append((Component("embed"), float(embed @ d)))
     constant = float(model.final_norm[1] @ u) + b_u_const
     for layer in range(spec.n_layers):
-        constant += float((model.b_O[layer] + model.b_out[layer]) @ d)
-        if granularity == "layer":
-            attn = acts[sites.attn_out(layer)][pos] - model.b_O[layer]
-            scores.append((Component("attn", layer), float(attn @ d)))
+        b_attn, b_mlp = float(model.b_O[layer] @ d_attn[layer]), float(model.b_out[layer] @ d_mlp[layer])
+        constant += b_attn + b_mlp
+        if granularity == "layer":  # hook_attn_out is what joins the residual (after any post-norm)
+            scores.append((Component("attn", layer), float(acts[sites.attn_out(layer)][pos] @ d) - b_attn))
         else:
             z = acts[sites.head_z(layer)][pos]  # [n_heads, d_head]
-            per_head = torch.einsum("hk,hkm,m->h", z, model.W_O[layer], d)
+            per_head = torch.einsum("hk,hkm,m->h", z, model.W_O[layer], d_attn[layer])
             scores.extend((Component("head", layer, head=h), float(s)) for h, s in enumerate(per_head.tolist()))
         if granularity == "neuron":
             post = acts[sites.mlp_post(layer)][pos]  # [d_mlp]
-            per_neuron = post * (model.W_out[layer] @ d)
+            per_neuron = post * (model.W_out[layer] @ d_mlp[layer])
             scores.extend((Component("neuron", layer, neuron=n), s) for n, s in enumerate(per_neuron.tolist()))
         else:
-            mlp = acts[sites.mlp_out(layer)][pos] - model.b_out[layer]
-            scores.append((Component("mlp", layer), float(mlp @ d)))
+            scores.append((Component("mlp", layer), float(acts[sites.mlp_out(layer)][pos] @ d) - b_mlp))
     scores.append((Component("bias"), constant))
 
-    value = float(logits[target_id] - (logits[contrast] if contrast is not None else 0.0))
+    explained = explained_logits(model, logits)
+    value = float(explained[target_id] - (explained[contrast] if contrast is not None else 0.0))
     total = sum(s for _, s in scores)
     scores.sort(key=lambda cs: -abs(cs[1]))
     return Attribution(

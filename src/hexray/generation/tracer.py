@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction
+from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction, write_directions
 from hexray.analysis.results import Granularity
 from hexray.errors import HexRayError
 from hexray.generation.results import GenerationResult, StopReason, TokenRecord
@@ -206,10 +206,11 @@ class TracedGeneration:
 
         u, _ = logit_direction(model, next_id, None)
         d = residual_direction(model, one, 0, u)  # [d_model]
+        d_attn = torch.stack(write_directions(model, acts, 0, d)[0])  # [layers, d_model]
         n_src = position + 1
         values = self._value_buffer[:, :n_src]  # [layers, k, kv_heads, d_head]
         patterns = torch.stack([acts[sites.attn_pattern(layer)][:, 0, :] for layer in range(spec.n_layers)])  # [layers, heads, k]
-        wo_d = self._W_O @ d  # [layers, heads, d_head]
+        wo_d = torch.einsum("lhjm,lm->lhj", self._W_O, d_attn)  # [layers, heads, d_head]
         group = spec.n_heads // spec.n_kv_heads
         per_value = torch.einsum("lkgd,lgjd->lkgj", values, wo_d.view(spec.n_layers, spec.n_kv_heads, group, -1))  # [layers, k, kv, group]
         routed = torch.einsum("lhk,lkh->k", patterns, per_value.reshape(spec.n_layers, n_src, spec.n_heads))

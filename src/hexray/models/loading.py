@@ -80,6 +80,8 @@ class ModelSpec:
     n_ctx: int
     norm: Literal["layernorm", "rmsnorm"]
     gated_mlp: bool
+    post_norms: bool = False  # a norm on attention's and the MLP's outputs too (Gemma 2/3)
+    logit_softcap: float | None = None  # logits = cap * tanh(z / cap); attribution explains z
 
 
 class LoadedModel:
@@ -178,12 +180,26 @@ class LoadedModel:
     @cached_property
     def final_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final norm's effective (weight, bias), each [d_model]; bias is zeros for RMSNorm."""
-        module = self.bridge.ln_final.original_component
+        return self._norm_weights(self.bridge.ln_final.original_component)
+
+    @cached_property
+    def post_norms(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per layer, the effective weights [d_model] of the norms on attention's and the MLP's outputs.
+
+        Empty for models without such norms. They are RMSNorms (no bias) wherever they exist.
+        """
+        if not self.spec.post_norms:
+            return ()
+        return tuple(
+            (self._norm_weights(blk.ln1_post.original_component)[0], self._norm_weights(blk.ln2_post.original_component)[0])
+            for blk in self.bridge.blocks
+        )
+
+    def _norm_weights(self, module) -> tuple[torch.Tensor, torch.Tensor]:
         weight = module.weight.detach().float()
         if getattr(self.bridge.cfg, "rmsnorm_uses_offset", False):
             weight = weight + 1.0  # Gemma-style norms scale by (1 + w)
-        bias = getattr(module, "bias", None)
-        return weight, _or_zeros(bias, self.spec.d_model)
+        return weight, _or_zeros(getattr(module, "bias", None), self.spec.d_model)
 
 
 def _or_zeros(t, n: int) -> torch.Tensor:
@@ -334,6 +350,8 @@ def _spec(bridge, hf_model, name: str, source: str) -> ModelSpec:
         n_ctx=int(n_ctx),
         norm="rmsnorm" if getattr(cfg, "uses_rms_norm", False) else "layernorm",
         gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+        post_norms=all(hasattr(blk, "ln1_post") and hasattr(blk, "ln2_post") for blk in bridge.blocks),
+        logit_softcap=getattr(hf_model.config, "final_logit_softcapping", None) or None,
     )
 
 

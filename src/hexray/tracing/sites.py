@@ -53,6 +53,11 @@ def mlp_post(layer: int) -> str:  # [pos, d_mlp]
     return f"blocks.{layer}.mlp.hook_post"
 
 
+def post_norm_scale(layer: int, part: Literal["attn", "mlp"]) -> str:  # [pos, 1]
+    """The scale of the norm applied to attention's / the MLP's output before it joins the residual (Gemma 2/3)."""
+    return f"blocks.{layer}.{'ln1_post' if part == 'attn' else 'ln2_post'}.hook_scale"
+
+
 def residual_stream(spec: ModelSpec) -> list[str]:
     """The residual stream before every block and after the last: n_layers + 1 hook names."""
     return [resid_pre(layer) for layer in range(spec.n_layers)] + [resid_post(spec.n_layers - 1)]
