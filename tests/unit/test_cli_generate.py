@@ -1,7 +1,7 @@
 """``hexray generate`` run in-process through ``hexray.cli.main`` on the tiny models.
 
 ``hexray.cli.load_model`` is monkeypatched to hand back an already-loaded tiny model (as in
-test_cli.py). Expected tokens come from Hugging Face ``generate`` (``plain_greedy``).
+test_cli.py). Expected tokens come from Hugging Face ``generate`` (``plain_greedy``) of a copy the bridge never wrapped.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _reject(name):  # NaN / Infinity are not strict JSON
 # ---------------------------------------------------------------------------------------------
 
 
-def test_json_is_one_line_per_token_then_a_done_line(cli, tiny_model):
+def test_json_is_one_line_per_token_then_a_done_line(cli, tiny_model, tiny_hf_model):
     docs = json_lines(cli(tiny_model, "generate", "-p", PROMPT, "-n", "5", "--json"))
     assert len(docs) == 6
     tokens, done = docs[:5], docs[5]
@@ -63,7 +63,7 @@ def test_json_is_one_line_per_token_then_a_done_line(cli, tiny_model):
     assert done["prompt_token_ids"] == prompt_ids
     assert len(done["generated_ids"]) == 5
     assert done["generated_ids"] == [d["id"] for d in tokens]
-    assert done["generated_ids"] == plain_greedy(tiny_model, prompt_ids, 5)
+    assert done["generated_ids"] == plain_greedy(tiny_hf_model, prompt_ids, 5)
     assert done["text"] == tiny_model.tokenizer.decode(done["generated_ids"])
     assert isinstance(done["steps"], list)
     assert set(done["graph"]) == {"nodes", "edges", "threshold"}
@@ -106,11 +106,11 @@ def test_json_text_steps_and_graph(cli, tiny_gpt2):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_console_lists_every_token_and_the_summary(cli, tiny_model):
+def test_console_lists_every_token_and_the_summary(cli, tiny_model, tiny_hf_model):
     r = cli(tiny_model, "generate", "-p", PROMPT, "-n", "4")
     assert r.code == 0, r.err
     assert r.err == ""
-    ids = plain_greedy(tiny_model, tiny_model.encode(PROMPT), 4)
+    ids = plain_greedy(tiny_hf_model, tiny_model.encode(PROMPT), 4)
     lines = r.out.splitlines()
     assert lines[0].startswith("Prompt ")
     token_lines = [line for line in lines if line[:5].strip().isdigit() and " p=" in line]
@@ -195,13 +195,13 @@ def interrupt_on_third_token(monkeypatch):
     return calls
 
 
-def test_ctrl_c_keeps_the_tokens_and_writes_the_report(cli, tiny_model, tmp_path, interrupt_on_third_token):
+def test_ctrl_c_keeps_the_tokens_and_writes_the_report(cli, tiny_model, tiny_hf_model, tmp_path, interrupt_on_third_token):
     r = cli(tiny_model, "generate", "-p", PLAIN_PROMPT, "-n", "10", "--report", tmp_path / "rep")
     assert r.code in (0, 130), (r.out, r.err)  # 130 is the contract: see test_ctrl_c_exits_130
     assert r.err == ""
     doc = json.loads((tmp_path / "rep" / "hexray.json").read_text())
     assert doc["stop_reason"] == "interrupted"
-    assert doc["generated_ids"] == plain_greedy(tiny_model, tiny_model.encode(PLAIN_PROMPT), 2)
+    assert doc["generated_ids"] == plain_greedy(tiny_hf_model, tiny_model.encode(PLAIN_PROMPT), 2)
     assert "2 tokens (interrupted)" in r.out
     assert (tmp_path / "rep" / "index.html").is_file()
     assert (tmp_path / "rep" / "reasoning_graph.png").is_file()

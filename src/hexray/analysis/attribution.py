@@ -34,7 +34,7 @@ from hexray.tracing.sites import Component
 def attribution_hooks(spec: ModelSpec, granularity: Granularity) -> set[str]:
     """The hooks :func:`direct_logit_attribution` reads at ``granularity``."""
     check_granularity(granularity)
-    hooks = {sites.EMBED, sites.POS_EMBED, sites.FINAL_SCALE}
+    hooks = {sites.EMBED, sites.FINAL_SCALE} | ({sites.POS_EMBED} if spec.pos_embed else set())
     for layer in range(spec.n_layers):
         hooks.add(sites.attn_out(layer) if granularity == "layer" else sites.head_z(layer))
         hooks.add(sites.mlp_post(layer) if granularity == "neuron" else sites.mlp_out(layer))

@@ -209,7 +209,7 @@ class TracedGeneration:
         d_attn = torch.stack(write_directions(model, acts, 0, d)[0])  # [layers, d_model]
         n_src = position + 1
         values = self._value_buffer[:, :n_src]  # [layers, k, kv_heads, d_head]
-        patterns = torch.stack([acts[sites.attn_pattern(layer)][:, 0, :] for layer in range(spec.n_layers)])  # [layers, heads, k]
+        patterns = torch.stack([_left_pad(acts[sites.attn_pattern(layer)][:, 0, :], n_src) for layer in range(spec.n_layers)])  # [layers, heads, k]
         wo_d = torch.einsum("lhjm,lm->lhj", self._W_O, d_attn)  # [layers, heads, d_head]
         group = spec.n_heads // spec.n_kv_heads
         per_value = torch.einsum("lkgd,lgjd->lkgj", values, wo_d.view(spec.n_layers, spec.n_kv_heads, group, -1))  # [layers, k, kv, group]
@@ -263,6 +263,11 @@ class TracedGeneration:
     def interrupted(self) -> None:
         """Mark the run as stopped by the user (Ctrl-C); :meth:`result` still works."""
         self.stop_reason = "interrupted"
+
+
+def _left_pad(pattern: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """A sliding-window layer's cache keeps only its last keys: [heads, w] -> [heads, n_keys], zeros before."""
+    return torch.nn.functional.pad(pattern, (n_keys - pattern.shape[-1], 0)) if pattern.shape[-1] < n_keys else pattern
 
 
 _KIND_ORDER = {"embed": 0, "head": 1, "attn": 1, "neuron": 2, "mlp": 2, "bias": 3}

