@@ -268,12 +268,12 @@ def cli(monkeypatch, capfd, tmp_path):
 
     def run(model, *args) -> CliRun:
         if model == "no-load":
-            def refuse(name, progress=None):
+            def refuse(name, progress=None, **placement):
                 raise AssertionError("the model was loaded before the mistake was reported")
 
             monkeypatch.setattr(hexray.cli, "load_model", refuse)
         elif model is not None:
-            monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: model)
+            monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: model)
         capfd.readouterr()
         code = hexray.cli.main([str(a) for a in args])
         out, err = capfd.readouterr()

@@ -33,6 +33,8 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="HEXRAY
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The text to run through the model.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else.")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
+DeviceOpt = Annotated[str, typer.Option("--device", envvar="HEXRAY_DEVICE", help="cpu | cuda | cuda:N | mps | auto (CUDA, else MPS, else CPU).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="HEXRAY_DTYPE", help="float32 | bfloat16 | float16: what the model computes in (attribution accumulates in float32).")]
 BosOpt = Annotated[Optional[bool], typer.Option("--prepend-bos/--no-prepend-bos", help="Force a BOS token on or off (default: the model's own tokenizer behaviour).")]
 
 FIGURE_DEFAULT_REPORT = Path("hexray-report")
@@ -58,15 +60,20 @@ def _status(message: str, quiet: bool):
         yield lambda msg: status.update(msg)
 
 
-def _load(model: str | None, quiet: bool):
+def _load(model: str | None, quiet: bool, device: str = "cpu", dtype: str = "float32"):
+    from hexray.models.loading import resolve_device, resolve_dtype
+
+    resolve_device(device), resolve_dtype(dtype)  # a bad flag fails before a long load
     with _status("Loading model...", quiet) as update:
-        return load_model(model, progress=update)
+        return load_model(model, progress=update, device=device, dtype=dtype)
 
 
 @app.command("trace")
 def trace_command(
     prompt: PromptOpt,
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     target: Annotated[Optional[str], typer.Option(help="Explain this token's logit (one token, e.g. ' Mary'). Default: the prediction.")] = None,
     contrast: Annotated[Optional[str], typer.Option(help="Explain logit(target) - logit(contrast), e.g. ' John'.")] = None,
     token_index: Annotated[int, typer.Option("--token-index", help="Position whose next-token prediction to explain; negative counts from the end.")] = -1,
@@ -107,7 +114,7 @@ def trace_command(
     for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
         if folder is not None:
             check_writable(folder, flag)
-    loaded = _load(model, json_out)
+    loaded = _load(model, json_out, device, dtype)
     hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
     with _status("Tracing...", json_out):
         result = analyze(loaded, prompt, dataclasses.replace(options, save_hooks=hooks))
@@ -160,6 +167,8 @@ def patch_command(
     clean: Annotated[str, typer.Option("--clean", help="The prompt with the behaviour (e.g. the IOI sentence).")],
     corrupt: Annotated[str, typer.Option("--corrupt", help="The same prompt with the behaviour broken (same token length).")],
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     target: TargetOpt = None,
     contrast: ContrastOpt = None,
     sweep: Annotated[Optional[str], typer.Option(help="Comma-separated: heads, heads-pos, resid, attn, mlp, neurons (attribution only), or all. Default: heads,resid (attribution: all).")] = None,
@@ -183,7 +192,7 @@ def patch_command(
         raise HexRayError(f"--batch-size must be positive, got {batch_size}")
     if report is not None:
         check_writable(report)
-    loaded = _load(model, json_out)
+    loaded = _load(model, json_out, device, dtype)
     with _status("Patching...", json_out) as update:
         result = activation_patching(
             loaded, clean, corrupt, target=target, contrast=contrast, sweeps=sweep, method=method,  # type: ignore[arg-type]
@@ -201,6 +210,8 @@ def ablate_command(
     prompt: PromptOpt,
     components: Annotated[str, typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")],
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     mode: Annotated[str, typer.Option(help="zero | mean | resample.")] = "zero",
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference prompts for mean/resample, one a line (default: a built-in set).")] = None,
     samples: Annotated[int, typer.Option(help="Resample draws to average.")] = 8,
@@ -222,7 +233,7 @@ def ablate_command(
     refs = read_reference_prompts(reference) if reference is not None else None
     if report is not None:
         check_writable(report)
-    loaded = _load(model, json_out)
+    loaded = _load(model, json_out, device, dtype)
     sites = parse_sites(components, loaded.spec)
     with _status("Ablating...", json_out):
         result = ablate(
@@ -239,6 +250,8 @@ def ablate_command(
 def heads_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text for the previous-token, duplicate-token and BOS scores (default: a built-in text).")] = None,
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     threshold: Annotated[float, typer.Option(help="Minimum score for a head to get a role label.")] = 0.4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Length of each random sequence (repeated once) for the induction score.")] = 25,
     sequences: Annotated[int, typer.Option("--sequences", help="Random sequences to average the induction score over.")] = 4,
@@ -259,7 +272,7 @@ def heads_command(
         raise HexRayError(f"--top-k must be positive, got {top_k}")
     if report is not None:
         check_writable(report)
-    loaded = _load(model, json_out)
+    loaded = _load(model, json_out, device, dtype)
     with _status("Scoring heads...", json_out):
         result = classify_heads(loaded, prompt, threshold=threshold, seq_len=seq_len, n_sequences=sequences, seed=seed, prepend_bos=prepend_bos)
     from hexray.render.console import render_heads
@@ -272,6 +285,8 @@ def heads_command(
 def generate_command(
     prompt: PromptOpt,
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 48,
     temperature: Annotated[float, typer.Option(help="0 = greedy (default, reproducible); > 0 samples.")] = 0.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
@@ -300,7 +315,7 @@ def generate_command(
     options.validate()
     if report is not None:
         check_writable(report)
-    loaded = _load(model, json_out)
+    loaded = _load(model, json_out, device, dtype)
     run = TracedGeneration(loaded, prompt, options)
     console = Console()
     if not json_out:
@@ -334,6 +349,8 @@ def generate_command(
 @app.command("serve")
 def serve_command(
     model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the model to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the lab in a web browser once the server is up.")] = False,
@@ -360,7 +377,7 @@ def serve_command(
         raise HexRayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         _stderr().print(f"[bold yellow]warning:[/] binding to {escape(host)}: anyone who can reach this address can run the model", highlight=False)
-    loaded = _load(model, False)
+    loaded = _load(model, False, device, dtype)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     _stderr().print(f"HexRay lab for {escape(loaded.name)} on {escape(url)}  (Ctrl-C stops it)", highlight=False)
     app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens)

@@ -94,7 +94,7 @@ def test_ablating_the_top_heads_lowers_the_logit_difference(smol, heads_sweep, m
     names = ",".join(p.site.name for p in top3)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: smol)
+    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: smol)
     capfd.readouterr()
     code = hexray.cli.main(["ablate", "-p", CLEAN, "-c", names, "--target", TARGET, "--contrast", CONTRAST, "--json"])
     out, err = capfd.readouterr()

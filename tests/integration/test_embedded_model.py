@@ -37,7 +37,7 @@ def smol():
 def cli_json(smol, monkeypatch, capfd, tmp_path):
     """``cli_json(*args)``: ``hexray *args --json`` in-process on the embedded model; the parsed document."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: smol)
+    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: smol)
 
     def run(*args) -> dict:
         capfd.readouterr()

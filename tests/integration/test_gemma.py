@@ -91,7 +91,7 @@ def test_head_shares_include_the_post_norm(gemma):
 
 def test_cli_trace_with_lens_and_residual(gemma, monkeypatch, capfd, tmp_path, untouched):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: gemma)
+    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: gemma)
     capfd.readouterr()
     code = hexray.cli.main(["--model", "gemma3-270m", "--prompt", FRANCE, "--granularity", "head", "--logit-lens", "--residual", "-k", "10", "--json"])
     out, err = capfd.readouterr()

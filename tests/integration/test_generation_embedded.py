@@ -130,7 +130,7 @@ def test_a_copied_name_draws_on_the_step_that_introduced_it(smol, named_steps):
 
 
 def test_chat_prompt_starts_with_the_chat_template(smol, monkeypatch, capfd):
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None: smol)
+    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: smol)
     capfd.readouterr()
     code = hexray.cli.main(["generate", "-p", "What is the capital of France?", "--chat", "-n", "1", "--json"])
     out, err = capfd.readouterr()

@@ -62,10 +62,10 @@ def arithmetic_graph(model: LoadedModel, trace: Trace, *, position: int = -1) ->
     for layer in range(spec.n_layers):
         pattern = trace.acts[sites.attn_pattern(layer)][:, pos, :]  # [heads, key_pos]
         for i, positions in enumerate(numbers):
-            attention[layer, :, i] = pattern[:, positions].sum(-1).numpy()
+            attention[layer, :, i] = pattern[:, positions].sum(-1).cpu().numpy()
     answer_id = attribution.target.id
     lens = lens_logits(model, stacked_residual(model, trace)[:, pos])  # [rows, d_vocab]
-    answer_rank = (lens > lens[:, answer_id : answer_id + 1]).sum(-1).numpy()
+    answer_rank = (lens > lens[:, answer_id : answer_id + 1]).sum(-1).cpu().numpy()
 
     nodes = [GraphNode(f"num{i}", "".join(trace.tokens[p] for p in ps).strip(), "operand", ps[0]) for i, ps in enumerate(numbers)]
     nodes += [GraphNode(f"op{p}", trace.tokens[p].strip(), "operator", p) for p in operators]

@@ -62,8 +62,8 @@ def _patterns(model: LoadedModel, batch: torch.Tensor, layers: range | None = No
     layers = range(model.spec.n_layers) if layers is None else layers
     names = {sites.attn_pattern(layer) for layer in layers}
     with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in names)
-    return torch.stack([cache[sites.attn_pattern(layer)] for layer in layers], dim=1).float()
+        _, cache = model.bridge.run_with_cache(batch.to(model.device), names_filter=lambda name: name in names)
+    return torch.stack([cache[sites.attn_pattern(layer)] for layer in layers], dim=1).float().cpu()
 
 
 def repeated_random_tokens(model: LoadedModel, *, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
@@ -140,7 +140,7 @@ def head_attention(
     scores["induction"] = float(induction[0, head])
     return HeadAttention(
         model=model.name, prompt=prompt, tokens=tuple(model.token_strs(ids)), layer=layer, head=head,
-        pattern=pattern.numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
+        pattern=pattern.cpu().numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
     )
 
 
@@ -167,7 +167,7 @@ def _scored_text(model: LoadedModel, prompt: str | None, prepend_bos: bool | Non
 def _prompt_role_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
     """Previous-token, duplicate-token and BOS scores of patterns [..., q, k] on token ids [pos]."""
     detection = detection_patterns(tokens)
-    return {role: role_scores(patterns, detection[role])[0].numpy() for role in ("previous_token", "duplicate_token", "bos")}
+    return {role: role_scores(patterns, detection[role])[0].cpu().numpy() for role in ("previous_token", "duplicate_token", "bos")}
 
 
 def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int, n_sequences: int, seed: int) -> np.ndarray:
@@ -175,7 +175,7 @@ def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int,
     random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     random_patterns = _patterns(model, random_ids, layers)  # [seqs, layers, heads, q, k]
     per_seq = [role_scores(random_patterns[i], detection_patterns(random_ids[i])["induction"])[0] for i in range(n_sequences)]
-    return torch.stack(per_seq).mean(0).numpy()
+    return torch.stack(per_seq).mean(0).cpu().numpy()
 
 
 def _labels(scores: dict[str, np.ndarray], threshold: float) -> tuple[tuple[str | None, ...], ...]:

@@ -45,7 +45,7 @@ def weight_view(model: LoadedModel, spec: str) -> WeightView:
     per_head = mat.dim() == 3
     if not per_head:
         mat = mat.unsqueeze(0)
-    arr = mat.numpy().astype(np.float32)
+    arr = mat.cpu().numpy().astype(np.float32)
     return WeightView(
         spec=spec.strip(), layer=layer, weight=weight, per_head=per_head, matrices=arr,
         row_axis=rows, col_axis=cols, norms=np.linalg.norm(arr.reshape(arr.shape[0], -1), axis=1),

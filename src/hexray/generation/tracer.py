@@ -106,7 +106,7 @@ class TracedGeneration:
         self.records: list[TokenRecord] = []
         self._scores: list[np.ndarray] = []
         self._components: tuple[Component, ...] | None = None
-        self._value_buffer = torch.zeros(spec.n_layers, len(self.prompt_ids) + n_new, spec.n_kv_heads, spec.d_head)
+        self._value_buffer = torch.zeros(spec.n_layers, len(self.prompt_ids) + n_new, spec.n_kv_heads, spec.d_head, device=model.device)
         self._n_values = 0
         self._W_O = torch.stack(model.W_O)  # [layers, heads, d_head, d_model]
         self.stop_reason: StopReason = "text_end" if self.forced is not None else "max_new_tokens"
@@ -174,7 +174,7 @@ class TracedGeneration:
 
         def keeper(name: str):
             def keep(x: torch.Tensor, hook) -> None:
-                store[name] = x.detach()
+                store[name] = x.detach().float()
 
             return keep
 
@@ -227,8 +227,8 @@ class TracedGeneration:
             logit=attribution.target.logit,
             top=attribution.top(opts.top_k),
             reconstruction_error=attribution.reconstruction_error,
-            source_dla=routed.numpy(),
-            source_attention=attention.numpy(),
+            source_dla=routed.cpu().numpy(),
+            source_attention=attention.cpu().numpy(),
             watch=watch,
             crossed=crossed,
         )

@@ -80,10 +80,10 @@ def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str],
     ids = [model.encode(p, prepend_bos=prepend_bos) for p in prompts]  # tokenized like the prompt
     ids = [i[: model.spec.n_ctx] for i in ids if i]
     width = max(len(i) for i in ids)
-    batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in ids])
+    batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in ids], device=model.device)
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in hooks)
-    return [{h: cache[h][row, : len(i)] for h in hooks} for row, i in enumerate(ids)]
+    return [{h: cache[h][row, : len(i)].float() for h in hooks} for row, i in enumerate(ids)]
 
 
 def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor, target: int, contrast: int | None, k: int) -> Distribution:

@@ -98,12 +98,12 @@ def run_variants(
     An empty variant gives the unedited run.
     """
     n = len(variants)
-    out = torch.empty(n, model.spec.d_model)
+    out = torch.empty(n, model.spec.d_model, device=model.device)
     if n == 0:
         return out
     size = batch_size or rows_per_chunk(model, len(token_ids))
     order = sorted(range(n), key=lambda i: start_layer(variants[i]))  # chunks of neighbouring start layers
-    tokens = torch.tensor([list(token_ids)])
+    tokens = torch.tensor([list(token_ids)], device=model.device)
     done = 0
     for lo in range(0, n, size):
         idx = order[lo : lo + size]
@@ -135,14 +135,15 @@ def _run_chunk(model: LoadedModel, tokens: torch.Tensor, chunk: list[Variant], r
     def apply_edits(x: torch.Tensor, hook: str, layer: int) -> torch.Tensor:
         present, offset = rows_before(layer)
         act_shape = x.shape[1:]
-        mask = torch.zeros((present, *act_shape), dtype=torch.bool)
+        mask = torch.zeros((present, *act_shape), dtype=torch.bool, device=x.device)
         shared = _shared_values(edits_at[hook])
-        values = None if shared is not None else torch.zeros((present, *act_shape), dtype=x.dtype)
+        values = None if shared is not None else torch.zeros((present, *act_shape), dtype=x.dtype, device=x.device)
         for row, edit in edits_at[hook]:
-            mask[row] |= edit.mask.expand(act_shape)
+            edit_mask = edit.mask.to(x.device).expand(act_shape)
+            mask[row] |= edit_mask
             if values is not None:  # several edits in one row keep their own values
-                values[row] = torch.where(edit.mask.expand(act_shape), edit.values.expand(act_shape), values[row])
-        new = torch.where(mask, shared.to(x.dtype) if shared is not None else values, x[offset:])
+                values[row] = torch.where(edit_mask, edit.values.to(x.device, x.dtype).expand(act_shape), values[row])
+        new = torch.where(mask, shared.to(x.device, x.dtype) if shared is not None else values, x[offset:])
         return torch.cat([x[:offset], new]) if offset else new
 
     def make_hook(name: str, layer: int, grow: int, read: bool):

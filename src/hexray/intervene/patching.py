@@ -96,7 +96,7 @@ def _aligned(source: torch.Tensor, base_len: int) -> torch.Tensor:
     """``source`` [src_pos, ...] on the base prompt's positions; unequal lengths align the last token."""
     if source.shape[0] == base_len:
         return source
-    out = torch.zeros((base_len, *source.shape[1:]), dtype=source.dtype)
+    out = torch.zeros((base_len, *source.shape[1:]), dtype=source.dtype, device=source.device)
     out[-1] = source[-1]
     return out
 
@@ -154,14 +154,14 @@ def metric_gradients(
         return keep
 
     with torch.enable_grad():
-        tokens = torch.tensor([list(token_ids)])
+        tokens = torch.tensor([list(token_ids)], device=model.device)
         logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})], use_cache=False)
         value = logits[0, -1, target] - logits[0, -1, contrast]
         grads = torch.autograd.grad(value, [acts[n] for n in wanted])
     return (
         logits[0].detach().float(),
-        {n: acts[n][0].detach() for n in wanted},
-        {n: g[0].detach() for n, g in zip(wanted, grads)},
+        {n: acts[n][0].detach().float() for n in wanted},
+        {n: g[0].detach().float() for n, g in zip(wanted, grads)},
     )
 
 
@@ -181,7 +181,7 @@ def attribution_scores(site_sweeps: Sequence[tuple[Site, Sweep]], delta_grad: di
         # [pos, d_mlp] already; residual-stream sites [pos, d_model] -> [pos, 1]
         per = dg.sum(-1) if kind == "head" else dg if kind == "neuron" else dg.sum(-1, keepdim=True)
         everywhere = torch.cat([per, per.sum(0, keepdim=True)])  # row -1: every position at once
-        out[index] = everywhere[torch.tensor(position), torch.tensor(unit)]
+        out[index] = everywhere[torch.tensor(position, device=dg.device), torch.tensor(unit, device=dg.device)].cpu()
     return out
 
 

@@ -61,6 +61,38 @@ MODEL_ALIASES = {
 
 Progress = Callable[[str], None]
 
+DEVICES = ("cpu", "cuda", "mps", "auto")  # "cuda:N" too
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> str:
+    """``cpu``, ``cuda[:N]``, ``mps``, or ``auto`` (CUDA, else MPS, else CPU), checked against this machine."""
+    want = (device or "cpu").strip().lower()
+    if want == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if want == "cpu":
+        return want
+    if want == "cuda" or (want.startswith("cuda:") and want[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise HexRayError(f"device {want} is not available: this PyTorch build sees no CUDA GPU", hint="use --device cpu (or auto)")
+        if ":" in want and int(want[5:]) >= torch.cuda.device_count():
+            raise HexRayError(f"device {want} is out of range", hint=f"this machine has cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return want
+    if want == "mps":
+        if not torch.backends.mps.is_available():
+            raise HexRayError("device mps is not available on this machine", hint="use --device cpu (or auto)")
+        return want
+    raise HexRayError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N, mps or auto")
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype:
+    key = (dtype or "float32").strip().lower()
+    if key not in DTYPES:
+        raise HexRayError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16")
+    return DTYPES[key]
+
 
 def cache_root() -> Path:
     """Where dequantized weights live: ``$HEXRAY_CACHE``, else ``$XDG_CACHE_HOME/hexray``."""
@@ -164,30 +196,36 @@ class LoadedModel:
         raise HexRayError(f"--{role} {text!r} is {len(ids)} tokens, not one: {pieces}", hint=hint)
 
     # -- weights (read through the bridge so every architecture looks the same) -------------
+    # Analyses compute in float32 whatever the model's dtype (half-precision runs accumulate in
+    # float32 and show their larger conservation error), on the model's device.
     @cached_property
     def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
-        return self.bridge.W_U.detach()
+        return self._f32(self.bridge.W_U)
 
     @cached_property
     def b_U(self) -> torch.Tensor:  # [d_vocab]
-        b = self.bridge.b_U
-        return torch.zeros(self.spec.d_vocab) if b is None else b.detach()
+        return self._f32(self.bridge.b_U, self.spec.d_vocab)
 
     @cached_property
     def W_O(self) -> tuple[torch.Tensor, ...]:  # per layer [n_heads, d_head, d_model]
-        return tuple(blk.attn.W_O.detach() for blk in self.bridge.blocks)
+        return tuple(self._f32(blk.attn.W_O) for blk in self.bridge.blocks)
 
     @cached_property
     def b_O(self) -> tuple[torch.Tensor, ...]:  # per layer [d_model] (zeros when absent)
-        return tuple(_or_zeros(blk.attn.b_O, self.spec.d_model) for blk in self.bridge.blocks)
+        return tuple(self._f32(blk.attn.b_O, self.spec.d_model) for blk in self.bridge.blocks)
 
     @cached_property
     def W_out(self) -> tuple[torch.Tensor, ...]:  # per layer [d_mlp, d_model]
-        return tuple(blk.mlp.W_out.detach() for blk in self.bridge.blocks)
+        return tuple(self._f32(blk.mlp.W_out) for blk in self.bridge.blocks)
 
     @cached_property
     def b_out(self) -> tuple[torch.Tensor, ...]:  # per layer [d_model]
-        return tuple(_or_zeros(blk.mlp.b_out, self.spec.d_model) for blk in self.bridge.blocks)
+        return tuple(self._f32(blk.mlp.b_out, self.spec.d_model) for blk in self.bridge.blocks)
+
+    def _f32(self, t: torch.Tensor | None, zeros: int = 0) -> torch.Tensor:
+        if t is None:
+            return torch.zeros(zeros, device=self.device)
+        return t.detach().to(self.device, torch.float32)
 
     @cached_property
     def final_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,14 +246,10 @@ class LoadedModel:
         )
 
     def _norm_weights(self, module) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = module.weight.detach().float()
+        weight = self._f32(module.weight)
         if getattr(self.bridge.cfg, "rmsnorm_uses_offset", False):
             weight = weight + 1.0  # Gemma-style norms scale by (1 + w)
-        return weight, _or_zeros(getattr(module, "bias", None), self.spec.d_model)
-
-
-def _or_zeros(t, n: int) -> torch.Tensor:
-    return torch.zeros(n) if t is None else t.detach().float()
+        return weight, self._f32(getattr(module, "bias", None), self.spec.d_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,27 +257,38 @@ def _or_zeros(t, n: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(name: str | None = None, *, progress: Progress | None = None) -> LoadedModel:
-    """Load a causal LM by name (see module docstring) and wrap it in a TransformerBridge."""
+def load_model(name: str | None = None, *, progress: Progress | None = None, device: str | None = "cpu", dtype: str | None = "float32") -> LoadedModel:
+    """Load a causal LM by name (see module docstring) and wrap it in a TransformerBridge.
+
+    ``device``: cpu, cuda, cuda:N, mps or auto; ``dtype``: float32, bfloat16 or float16 (the
+    dtype the model computes in; analyses still accumulate in float32).
+    """
     say = progress or (lambda _msg: None)
+    where = _Placement(resolve_device(device), resolve_dtype(dtype))
     _quiet_libraries()
     key = (name or "").strip()
     if key.lower() in _EMBEDDED_NAMES:
         folder = _cached_from_gguf(_embedded_gguf_path(), say)
-        return _boot(folder, EMBEDDED_MODEL, "embedded", say)
+        return _boot(folder, EMBEDDED_MODEL, "embedded", say, where)
     if key.lower() in _GEMMA_NAMES:
-        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say)
+        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say, where)
     path = Path(key).expanduser()
     if key.lower().endswith(".gguf"):
         if not path.is_file():
             raise HexRayError(f"no GGUF file at {key}", hint="check the path")
-        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say)
+        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say, where)
     if path.is_dir():
-        return _boot(path, key, "folder", say)
+        return _boot(path, key, "folder", say, where)
     if key.startswith((".", "/", "~")):
         raise HexRayError(f"no model folder at {key}", hint="pass an existing folder, a .gguf file or a Hugging Face id")
     hub_id = MODEL_ALIASES.get(key.lower(), key)
-    return _boot(hub_id, key, "hub", say)
+    return _boot(hub_id, key, "hub", say, where)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    device: str
+    dtype: torch.dtype
 
 
 def _quiet_libraries() -> None:
@@ -334,7 +379,7 @@ def _cached_from_gguf(gguf: Path, say: Progress, *, folder: Path | None = None) 
     return folder
 
 
-def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedModel:
+def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _Placement = _Placement("cpu", torch.float32)) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -345,7 +390,7 @@ def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedMod
         with _silenced():
             # eager attention: the bridge's hook_pattern must see real attention weights
             hf_model = AutoModelForCausalLM.from_pretrained(
-                where, attn_implementation="eager", dtype=torch.float32, local_files_only=offline
+                where, attn_implementation="eager", dtype=placement.dtype, local_files_only=offline
             )
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
     except (OSError, ValueError) as exc:
@@ -357,6 +402,11 @@ def _boot(where: str | Path, name: str, source: str, say: Progress) -> LoadedMod
             ) from exc
         raise HexRayError(f"could not load model from {where}: {_first_line(exc)}") from exc
     hf_model.eval()
+    if placement.device != "cpu":
+        try:
+            hf_model.to(placement.device)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            raise HexRayError(f"{name} does not fit on {placement.device}: {_first_line(exc)}", hint="use a smaller --dtype, or --device cpu") from exc
     if not hf_model.config.architectures:
         hf_model.config.architectures = [type(hf_model).__name__]
     try:

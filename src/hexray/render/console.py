@@ -50,6 +50,8 @@ def header(report: Report) -> Group:
     explained = f"logit({tok(a.target.token)})"
     if a.contrast is not None:
         explained += f" - logit({tok(a.contrast.token)})"
+    if report.spec.logit_softcap:  # the capped logit is not linear in anything: explain the pre-cap one
+        explained = f"pre-cap {explained} (logits soft-capped at {report.spec.logit_softcap:g})"
     lines = [
         Text.assemble(("Model ", "bold"), f"{report.spec.name} ({report.spec.architecture}, {report.spec.n_layers} layers x {report.spec.n_heads} heads)"),
         Text.assemble(("Tokens ", "bold"), strip),

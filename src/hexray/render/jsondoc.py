@@ -153,6 +153,8 @@ def model_info(spec: ModelSpec) -> dict:
     return {
         "name": spec.name, "architecture": spec.architecture, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
         "d_model": spec.d_model, "d_mlp": spec.d_mlp, "d_vocab": spec.d_vocab, "n_ctx": spec.n_ctx, "norm": spec.norm,
+        "post_norms": spec.post_norms,
+        "logit_softcap": spec.logit_softcap,  # when set, "value" and the components are pre-cap logits
     }
 
 

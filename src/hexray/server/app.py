@@ -187,7 +187,8 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     @app.get("/api/health")
     async def health() -> dict:
         return {"ok": True, "model": model.name, "model_info": jsondoc.model_info(model.spec), "busy": lock.locked(),
-                "queued": waiting[0], "max_tokens": max_tokens, "time_limit": time_limit}
+                "queued": waiting[0], "max_tokens": max_tokens, "time_limit": time_limit,
+                "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
 
     @app.post("/api/analyze")
     async def analyze_prompt(req: AnalyzeRequest) -> dict:

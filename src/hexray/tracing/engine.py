@@ -15,7 +15,7 @@ from hexray.tracing import sites
 
 @dataclass(frozen=True)
 class Trace:
-    """What one forward pass saw. Tensors are on the CPU with the batch dimension removed."""
+    """What one forward pass saw: float32 tensors on the model's device, the batch dimension removed."""
 
     model_name: str
     prompt: str
@@ -58,10 +58,10 @@ def run_trace(
     unknown = wanted - set(model.bridge.hook_dict)
     if unknown:
         raise ValueError(f"hooks not in this model: {sorted(unknown)[:5]}")  # a HexRay bug, not user input
-    tokens = torch.tensor([ids])
+    tokens = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
         logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-    acts = {name: cache[name][0].detach() for name in wanted if name in cache}
+    acts = {name: cache[name][0].detach().float() for name in wanted if name in cache}  # float32 on the model's device
     return Trace(
         model_name=model.name,
         prompt=prompt,
