@@ -455,8 +455,11 @@ def test_save_hooks_globs(cli, tiny_model, tmp_path):
 def test_model_option_and_env_reach_the_loader(cli, monkeypatch, tiny_gpt2):
     asked = []
 
-    def fake_load(name, progress=None):
+    placed = []
+
+    def fake_load(name, progress=None, device="cpu", dtype="float32"):
         asked.append(name)
+        placed.append((device, dtype))
         return tiny_gpt2
 
     monkeypatch.setattr(hexray.cli, "load_model", fake_load)
@@ -466,6 +469,8 @@ def test_model_option_and_env_reach_the_loader(cli, monkeypatch, tiny_gpt2):
     monkeypatch.delenv("HEXRAY_MODEL")
     assert cli(None, "trace", "--prompt", "The cat", "-k", "1").code == 0
     assert asked == ["some/model", "from-env", None]
+    assert cli(None, "trace", "--prompt", "The cat", "-k", "1", "--device", "auto", "--dtype", "bfloat16").code == 0
+    assert placed == [("cpu", "float32")] * 3 + [("auto", "bfloat16")]
 
 
 def test_version(cli):
