@@ -6,6 +6,8 @@
     forward of the same model on the same tokens;
 (c) loading the embedded model from the safetensors cache against from the GGUF (fresh cache).
 
+`python benchmarks/bench_core.py --model gemma3-270m` gives the same figures for Gemma 3 270M.
+
 Every figure is a median over repeats measured in this one run; ratios compare figures from it.
 """
 
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 IOI = "When Mary and John went to the store, John gave a drink to"
+MODEL = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else None
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -43,12 +46,12 @@ def main() -> None:
     import hexray
     from hexray.analysis.attribution import attribution_hooks, direct_logit_attribution
     from hexray.analysis.lens import lens_hooks, logit_lens
-    from hexray.models.loading import cache_root
 
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {sys.version.split()[0]}")
-    model = hexray.load_model()  # fills the cache if needed
-    folder = next((cache_root() / "models").glob("SmolLM2-135M-Instruct*"))
+    model = hexray.load_model(MODEL)  # fills the cache if needed
+    folder = Path(model.checkpoint)
+    print(f"model {model.name}")
 
     # (b) in-process
     ids = torch.tensor([model.encode(IOI)])
@@ -79,7 +82,7 @@ def main() -> None:
         f"t = transformers.AutoTokenizer.from_pretrained({str(folder)!r}); "
         f"m(**t({IOI!r}, return_tensors='pt'))"
     )
-    cli = [str(BIN / "hexray"), "--prompt", IOI, "--top-k-attribution", "10"]
+    cli = [str(BIN / "hexray"), "--prompt", IOI, "--top-k-attribution", "10", *(["--model", MODEL] if MODEL else [])]
     run(cli)  # warm the OS file cache
     t_cli = median_time(lambda: run(cli), 3)
     t_base = median_time(lambda: run([sys.executable, "-c", baseline]), 3)
@@ -87,10 +90,10 @@ def main() -> None:
     print(f"(a) hexray --top-k-attribution 10 {t_cli:6.2f} s   ratio {t_cli / t_base:.2f}x")
 
     # (c) load from cache vs from GGUF
-    t_cached = median_time(lambda: hexray.load_model(), 3)
+    t_cached = median_time(lambda: hexray.load_model(MODEL), 3)
     with tempfile.TemporaryDirectory() as fresh:
         env = {**os.environ, "HEXRAY_CACHE": fresh}
-        code = "import hexray, time; t = time.perf_counter(); hexray.load_model(); print(time.perf_counter() - t)"
+        code = f"import hexray, time; t = time.perf_counter(); hexray.load_model({MODEL!r}); print(time.perf_counter() - t)"
         out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
         t_gguf = float(out.stdout.strip().splitlines()[-1])
     print(f"(c) load from safetensors cache {t_cached:6.2f} s")
