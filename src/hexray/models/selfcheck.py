@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, first_line
 
 # Relative tolerance of each reconstruction, by the dtype the model computes in.
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -43,7 +43,7 @@ def check_architecture(model) -> None:
         with torch.inference_mode():
             logits, cache = bridge.run_with_cache(torch.tensor([ids], device=model.device), names_filter=lambda n: n in wanted)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is an unsupported model
-        raise _refuse(name, f"the probe forward pass failed ({_first_line(exc)})") from exc
+        raise _refuse(name, f"the probe forward pass failed ({first_line(exc, 200)})") from exc
     _check_batches(model, name, ids, cache[sites.resid_post(spec.n_layers - 1)][0], logits[0])
     silent = sorted(h for h in hooks if h not in cache)
     if silent:
@@ -103,14 +103,9 @@ def _check_batches(model, name: str, ids: list[int], final: torch.Tensor, logits
             batched = bridge(torch.tensor([ids, ids], device=model.device))
             bridge.run_with_hooks(torch.tensor([ids], device=model.device), fwd_hooks=[(sites.resid_pre(last), grow), (sites.resid_post(last), keep)])
     except Exception as exc:  # noqa: BLE001 - any failure here is an unsupported model
-        raise _refuse(name, f"a batched forward pass failed ({_first_line(exc)})") from exc
+        raise _refuse(name, f"a batched forward pass failed ({first_line(exc, 200)})") from exc
     _expect(name, batched[1].double().cpu(), logits.double().cpu(), tol, "a batch of two prompts does not give each prompt its own logits")
     _expect(name, seen["final"][1].double().cpu(), final.double().cpu(), tol, "a batch that grows inside the forward pass does not give each row its own result")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _head_sum(model, acts, layer: int) -> torch.Tensor:  # [pos, d_model]
