@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, spell_indexed
 from hexray.models.loading import load_model
 
 app = typer.Typer(
@@ -35,9 +35,66 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document t
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="HEXRAY_DEVICE", help="cpu | cuda | cuda:N | mps | auto (CUDA, else MPS, else CPU).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="HEXRAY_DTYPE", help="float32 | bfloat16 | float16: what the model computes in (attribution accumulates in float32).")]
-BosOpt = Annotated[Optional[bool], typer.Option("--prepend-bos/--no-prepend-bos", help="Force a BOS token on or off (default: the model's own tokenizer behaviour).")]
 
 FIGURE_DEFAULT_REPORT = Path("hexray-report")
+
+# fields that are not options of a capability, as the CLI spells them (errors name fields)
+_FIXED_FLAGS = {"prompt": "--prompt", "clean": "--clean", "corrupt": "--corrupt", "components": "--components", "reference": "--reference", "prompts": "--prompts"}
+_flags: dict[str, str] = {}  # field -> flag of the command running now
+
+
+def _flag_of(field: str) -> str:
+    return _flags.get(field) or _FIXED_FLAGS.get(field) or "--" + field.replace("_", "-")
+
+
+def _typer_param(option):
+    """An Option as a typer parameter (its flag, help and default, from the one declaration)."""
+    import inspect
+
+    from hexray.options import base_type, is_optional
+
+    if option.type == tuple[str, ...]:
+        annotation, default = Optional[list[str]], None
+    elif option.cli_unset or is_optional(option.type):
+        annotation, default = Optional[base_type(option.type)], None if option.cli_unset else option.default
+    else:
+        annotation, default = option.type, option.default
+    decls = [option.cli_flag] + ([option.short] if option.short else [])
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, typer.Option(*decls, help=option.help)])
+
+
+def with_options(*groups):
+    """Give a command the CLI flags of its options (``fn(..., **opts)`` receives them)."""
+    import inspect
+    import typing
+
+    options = [o for group in groups for o in group if o.flag != ""]
+
+    def wrap(fn):
+        sig, hints = inspect.signature(fn), typing.get_type_hints(fn, include_extras=True)
+        fixed = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        derived = [_typer_param(o) for o in options]
+        fn.__signature__ = sig.replace(parameters=fixed + derived, return_annotation=None)
+        fn.__annotations__ = {**hints, **{p.name: p.annotation for p in derived}}
+        fn.cli_options = tuple(options)
+        return fn
+
+    return wrap
+
+
+def _options(cls, given: dict, **overrides):
+    """The capability's options from the CLI's values (unset ones take the declared default); validated."""
+    from hexray.options import values
+
+    _flags.update({o.name: o.cli_flag.split("/")[0] for o in cls.OPTIONS})
+    picked = {k: v for k, v in values(cls.OPTIONS, given).items() if v is not None or not _unset(cls, k)}
+    options = cls(**{**picked, **overrides})
+    options.validate()
+    return options
+
+
+def _unset(cls, name: str) -> bool:
+    return next(o for o in cls.OPTIONS if o.name == name).cli_unset
 
 
 @app.callback()
@@ -68,47 +125,45 @@ def _load(model: str | None, quiet: bool, device: str = "cpu", dtype: str = "flo
         return load_model(model, progress=update, device=device, dtype=dtype)
 
 
+def _trace_options():
+    from hexray.analysis.report import trace_options
+
+    return trace_options()
+
+
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="A file of prompts, one a line (or JSONL with a \"prompt\" per row): report the mean and spread over the set.")]
+
+
 @app.command("trace")
+@with_options(_trace_options())
 def trace_command(
-    prompt: PromptOpt,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")] = None,
+    prompts: PromptsOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    target: Annotated[Optional[str], typer.Option(help="Explain this token's logit (one token, e.g. ' Mary'). Default: the prediction.")] = None,
-    contrast: Annotated[Optional[str], typer.Option(help="Explain logit(target) - logit(contrast), e.g. ' John'.")] = None,
-    token_index: Annotated[int, typer.Option("--token-index", help="Position whose next-token prediction to explain; negative counts from the end.")] = -1,
-    granularity: Annotated[str, typer.Option(help="layer | head | neuron.")] = "layer",
-    top_k_attribution: Annotated[Optional[int], typer.Option("--top-k-attribution", "-k", help="Show the top K components (default 10).")] = None,
-    logit_lens: Annotated[bool, typer.Option("--logit-lens", help="Top tokens and the target's rank after every layer.")] = False,
-    lens_k: Annotated[int, typer.Option("--lens-k", help="Tokens per layer in the logit lens.")] = 5,
-    residual: Annotated[bool, typer.Option("--residual", help="Residual-stream trace (shown by default when no other analysis is asked for).")] = False,
-    logit_debug: Annotated[bool, typer.Option("--logit-debug", help="Per-head attribution heatmap and per-layer bars (PNG in --report).")] = False,
-    cot_debug: Annotated[bool, typer.Option("--cot-debug", help="Split the prompt into reasoning steps; attribute each step's last token in full context.")] = False,
-    weight_heatmap: Annotated[Optional[list[str]], typer.Option("--weight-heatmap", help="Weight to plot, e.g. attn.L10.W_Q or mlp.L6.W_in (repeatable).")] = None,
-    arithmetic_graph: Annotated[bool, typer.Option("--arithmetic-graph", help="Graph of how the model computed an arithmetic answer (PNG/SVG in --report).")] = False,
     save_activations: Annotated[Optional[Path], typer.Option("--save-activations", help="Write activations (safetensors + manifest.json) to this folder.")] = None,
     save_hooks: Annotated[Optional[str], typer.Option("--save-hooks", help="Comma-separated hook-name globs to save (default: residual stream per layer).")] = None,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
-    prepend_bos: BosOpt = None,
+    **given,
 ) -> None:
-    """Trace a prompt: residual stream, direct logit attribution, logit lens, and more."""
+    """Trace a prompt: residual stream, direct logit attribution, logit lens, and every analysis in the registry."""
+    from hexray.analysis.registry import analyses
     from hexray.analysis.report import AnalysisOptions, analyze
     from hexray.render.files import check_writable, write_report
     from hexray.render.jsondoc import report_document
     from hexray.tracing.activations import check_fired, select_hooks
     from hexray.tracing.activations import save_activations as save_acts
 
-    asked = top_k_attribution is not None or logit_lens or logit_debug or cot_debug or weight_heatmap or arithmetic_graph or save_activations
-    if report is None and (logit_debug or weight_heatmap or arithmetic_graph):
+    _one_source(prompt=prompt, prompts=prompts)
+    chosen = [a for a in analyses() if a.switch is not None and a.name != "residual" and given.get(a.switch.name)]
+    asked = given.get("top_k") is not None or bool(chosen) or save_activations is not None
+    if report is None and any(a.report_by_default for a in chosen):
         report = FIGURE_DEFAULT_REPORT
-    options = AnalysisOptions(
-        target=target, contrast=contrast, token_index=token_index, granularity=granularity,  # type: ignore[arg-type]
-        top_k=10 if top_k_attribution is None else top_k_attribution, logit_lens=logit_lens, lens_k=lens_k,
-        residual=residual or not asked, logit_debug=logit_debug, cot=cot_debug,
-        weight_specs=tuple(weight_heatmap or ()), arithmetic=arithmetic_graph, prepend_bos=prepend_bos,
-    )
-    options.validate()
+    options = _options(AnalysisOptions, given, residual=bool(given.get("residual")) or not asked)
+    if prompts is not None:
+        return _trace_dataset(prompts, options, model, device, dtype, json_out, report, save_activations)
     if save_hooks and save_activations is None:
         raise HexRayError("--save-hooks needs --save-activations DIR")
     for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
@@ -141,9 +196,25 @@ def trace_command(
         console.print(f"[green]Saved {len(hooks)} hook points to {escape(str(save_activations))}/[/] (read back with hexray.load_activations)")
 
 
-TargetOpt = Annotated[Optional[str], typer.Option(help="Target token (one token, e.g. ' Mary').")]
-ContrastOpt = Annotated[Optional[str], typer.Option(help="Contrast token: the metric is logit(target) - logit(contrast).")]
-TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Rows in each console table.")]
+def _trace_dataset(*args):
+    raise HexRayError("--prompts is not available yet")
+
+
+def _patch_dataset(*args):
+    raise HexRayError("--prompts is not available yet")
+
+
+def _ablate_dataset(*args):
+    raise HexRayError("--prompts is not available yet")
+
+
+def _one_source(**sources) -> None:
+    """Exactly one of a prompt (or prompt pair) and --prompts FILE."""
+    (single, single_value), (_, file) = list(sources.items())[0], list(sources.items())[-1]
+    if file is not None and single_value is not None:
+        raise HexRayError(f"give {_flag_of(single)} or --prompts, not both")
+    if file is None and single_value is None:
+        raise HexRayError(f"missing option {_flag_of(single)}", hint="or --prompts FILE for a set of prompts")
 
 
 def _finish(json_out: bool, report: Path | None, document: dict, files, show) -> None:
@@ -162,144 +233,152 @@ def _finish(json_out: bool, report: Path | None, document: dict, files, show) ->
         console.print(f"[green]Report written to {escape(str(report))}/[/] ({', '.join(p.name for p in written)})")
 
 
+def _patch_options():
+    from hexray.intervene.patching import PATCH_OPTIONS
+
+    return PATCH_OPTIONS
+
+
+def _ablate_options():
+    from hexray.intervene.ablation import ABLATE_OPTIONS
+
+    return ABLATE_OPTIONS
+
+
+def _heads_options():
+    from hexray.analysis.heads import HEADS_OPTIONS
+
+    return HEADS_OPTIONS
+
+
+def _generation_options():
+    from hexray.generation.tracer import GENERATION_OPTIONS
+
+    return GENERATION_OPTIONS
+
+
 @app.command("patch")
+@with_options(_patch_options())
 def patch_command(
-    clean: Annotated[str, typer.Option("--clean", help="The prompt with the behaviour (e.g. the IOI sentence).")],
-    corrupt: Annotated[str, typer.Option("--corrupt", help="The same prompt with the behaviour broken (same token length).")],
+    clean: Annotated[Optional[str], typer.Option("--clean", help="The prompt with the behaviour (e.g. the IOI sentence).")] = None,
+    corrupt: Annotated[Optional[str], typer.Option("--corrupt", help="The same prompt with the behaviour broken (same token length).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL, one {clean, corrupt[, target, contrast]} a row (e.g. IOI templates): mean and spread over the set.")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    target: TargetOpt = None,
-    contrast: ContrastOpt = None,
-    sweep: Annotated[Optional[str], typer.Option(help="Comma-separated: heads, heads-pos, resid, attn, mlp, neurons (attribution only), or all. Default: heads,resid (attribution: all).")] = None,
-    method: Annotated[str, typer.Option(help="exact | attribution | both.")] = "exact",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Patched variants per forward pass (default: what fits ~1.5 GB).")] = None,
-    last_position: Annotated[bool, typer.Option("--last-position", help="Patch only the final token; the prompts may then differ in length.")] = False,
-    top_k: TopKOpt = 10,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
-    prepend_bos: BosOpt = None,
+    **given,
 ) -> None:
     """Activation patching: which sites, patched from the clean run into the corrupt one, restore the behaviour."""
-    from hexray.intervene.patching import activation_patching, parse_sweeps
+    from hexray.intervene.patching import PatchOptions, activation_patching
     from hexray.render.files import check_writable, patching_files
     from hexray.render.jsondoc import patch_document
 
-    parse_sweeps(sweep, method)
-    if top_k <= 0:
-        raise HexRayError(f"--top-k must be positive, got {top_k}")
-    if batch_size is not None and batch_size <= 0:
-        raise HexRayError(f"--batch-size must be positive, got {batch_size}")
+    if prompts is None and (clean is None or corrupt is None):
+        raise HexRayError("missing option --clean" if clean is None else "missing option --corrupt", hint="or --prompts FILE for a set of prompt pairs")
+    if prompts is not None and (clean is not None or corrupt is not None):
+        raise HexRayError("give --clean/--corrupt or --prompts, not both")
+    options = _options(PatchOptions, given)
     if report is not None:
         check_writable(report)
+    if prompts is not None:
+        return _patch_dataset(prompts, options, model, device, dtype, json_out, report)
     loaded = _load(model, json_out, device, dtype)
     with _status("Patching...", json_out) as update:
-        result = activation_patching(
-            loaded, clean, corrupt, target=target, contrast=contrast, sweeps=sweep, method=method,  # type: ignore[arg-type]
-            last_position_only=last_position, batch_size=batch_size, prepend_bos=prepend_bos,
-            progress=lambda done, total: update(f"Patching: {done}/{total} sites"),
-        )
+        result = activation_patching(loaded, clean, corrupt, **_patch_kwargs(options), progress=lambda done, total: update(f"Patching: {done}/{total} sites"))
     from hexray.render.console import render_patching
 
     document = patch_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: patching_files(result, document, top_k), lambda c: render_patching(result, c, top_k))
+    _finish(json_out, report, document, lambda: patching_files(result, document, options.top_k), lambda c: render_patching(result, c, options.top_k))
+
+
+def _patch_kwargs(options) -> dict:
+    return {k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"}
 
 
 @app.command("ablate")
+@with_options(_ablate_options())
 def ablate_command(
-    prompt: PromptOpt,
     components: Annotated[str, typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")] = None,
+    prompts: PromptsOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    mode: Annotated[str, typer.Option(help="zero | mean | resample.")] = "zero",
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference prompts for mean/resample, one a line (default: a built-in set).")] = None,
-    samples: Annotated[int, typer.Option(help="Resample draws to average.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for resampling.")] = 0,
-    target: TargetOpt = None,
-    contrast: ContrastOpt = None,
-    token_index: Annotated[int, typer.Option("--token-index", help="Position whose next-token distribution to compare; negative counts from the end.")] = -1,
-    top_k: TopKOpt = 10,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
-    prepend_bos: BosOpt = None,
+    **given,
 ) -> None:
     """Ablate components together and compare the next-token distribution before and after."""
-    from hexray.intervene.ablation import ablate, check_ablation_options, parse_sites, read_reference_prompts
+    from hexray.intervene.ablation import AblateOptions, ablate, parse_sites, read_reference_prompts
     from hexray.render.files import ablation_files, check_writable
     from hexray.render.jsondoc import ablation_document
 
-    check_ablation_options(mode, k=top_k, samples=samples)
+    _one_source(prompt=prompt, prompts=prompts)
+    options = _options(AblateOptions, given)
     refs = read_reference_prompts(reference) if reference is not None else None
     if report is not None:
         check_writable(report)
+    if prompts is not None:
+        return _ablate_dataset(prompts, components, refs, options, model, device, dtype, json_out, report)
     loaded = _load(model, json_out, device, dtype)
     sites = parse_sites(components, loaded.spec)
     with _status("Ablating...", json_out):
-        result = ablate(
-            loaded, prompt, sites, mode=mode, reference=refs, samples=samples, seed=seed,  # type: ignore[arg-type]
-            target=target, contrast=contrast, token_index=token_index, k=top_k, prepend_bos=prepend_bos,
-        )
+        result = ablate(loaded, prompt, sites, reference=refs, **_ablate_kwargs(options))
     from hexray.render.console import render_ablation
 
     document = ablation_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: ablation_files(result, document), lambda c: render_ablation(result, c, top_k))
+    _finish(json_out, report, document, lambda: ablation_files(result, document), lambda c: render_ablation(result, c, options.top_k))
+
+
+def _ablate_kwargs(options) -> dict:
+    kwargs = dataclasses.asdict(options)
+    kwargs["k"] = kwargs.pop("top_k")
+    return kwargs
 
 
 @app.command("heads")
+@with_options(_heads_options())
 def heads_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text for the previous-token, duplicate-token and BOS scores (default: a built-in text).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    threshold: Annotated[float, typer.Option(help="Minimum score for a head to get a role label.")] = 0.4,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Length of each random sequence (repeated once) for the induction score.")] = 25,
-    sequences: Annotated[int, typer.Option("--sequences", help="Random sequences to average the induction score over.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed for the random sequences.")] = 0,
-    top_k: TopKOpt = 5,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
-    prepend_bos: BosOpt = None,
+    **given,
 ) -> None:
     """Classify every attention head: previous-token, duplicate-token, induction, BOS/sink."""
-    from hexray.analysis.heads import classify_heads
+    from hexray.analysis.heads import HeadsOptions, classify_heads
     from hexray.render.files import check_writable, heads_files
     from hexray.render.jsondoc import heads_document
 
-    if not 0 <= threshold <= 1:
-        raise HexRayError(f"--threshold must be between 0 and 1, got {threshold}")
-    if top_k <= 0:
-        raise HexRayError(f"--top-k must be positive, got {top_k}")
+    options = _options(HeadsOptions, given)
     if report is not None:
         check_writable(report)
     loaded = _load(model, json_out, device, dtype)
     with _status("Scoring heads...", json_out):
-        result = classify_heads(loaded, prompt, threshold=threshold, seq_len=seq_len, n_sequences=sequences, seed=seed, prepend_bos=prepend_bos)
+        kwargs = {k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"}
+        result = classify_heads(loaded, prompt, **kwargs)
     from hexray.render.console import render_heads
 
     document = heads_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, top_k))
+    _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, options.top_k))
 
 
 @app.command("generate")
+@with_options(_generation_options())
 def generate_command(
     prompt: PromptOpt,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 48,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (default, reproducible); > 0 samples.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template to the prompt.")] = False,
-    text: Annotated[Optional[str], typer.Option("--text", help="Trace this continuation of the prompt instead of generating.")] = None,
-    granularity: Annotated[str, typer.Option(help="Components per token: layer | head | neuron.")] = "head",
-    top_k: TopKOpt = 3,
-    watch: Annotated[Optional[str], typer.Option("--watch", help="Components to watch at every token: L10N1234, L9H6, MLP10, ATTN9, RESID12.")] = None,
-    watch_threshold: Annotated[Optional[float], typer.Option("--watch-threshold", help="Mark tokens where a watched value reaches this (absolute value).")] = None,
     cot_debug: Annotated[bool, typer.Option("--cot-debug", help="Per-step bar charts of the components over the generated steps.")] = False,
-    graph_threshold: Annotated[float, typer.Option("--graph-threshold", help="Keep a dependency edge when it is at least this share of the step's largest.")] = 0.1,
     json_out: Annotated[bool, typer.Option("--json", help="JSON lines: one per token, then a final {done: true, ...} line.")] = False,
     report: ReportOpt = None,
+    **given,
 ) -> None:
     """Generate while tracing every token: what wrote it, which steps it drew on, watched components."""
     from hexray.generation.tracer import GenerationOptions, TracedGeneration
@@ -307,12 +386,8 @@ def generate_command(
     from hexray.render.console import render_generation_summary, token_line
     from hexray.render.jsondoc import generation_done_doc, token_record_doc
 
-    options = GenerationOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat, granularity=granularity,  # type: ignore[arg-type]
-        top_k=top_k, watch=tuple(p.strip() for p in (watch or "").split(",") if p.strip()), watch_threshold=watch_threshold,
-        text=text, graph_threshold=graph_threshold,
-    )
-    options.validate()
+    options = _options(GenerationOptions, given)
+    top_k = options.top_k
     if report is not None:
         check_writable(report)
     loaded = _load(model, json_out, device, dtype)
@@ -422,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int) and code:  # typer.Exit(n) inside a command comes back as a return value
             return code
     except HexRayError as exc:
-        _stderr().print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
+        _stderr().print(f"[bold red]error:[/] {escape(exc.one_line(lambda field: spell_indexed(field, _flag_of)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

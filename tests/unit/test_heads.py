@@ -239,11 +239,11 @@ def test_labels_rules():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(threshold=-0.01), "--threshold must be between 0 and 1"),
-        (dict(threshold=1.5), "--threshold must be between 0 and 1"),
-        (dict(seq_len=1), "--seq-len must be between 2 and 32"),
-        (dict(seq_len=33), "--seq-len must be between 2 and 32"),
-        (dict(n_sequences=0), "--sequences must be positive"),
+        (dict(threshold=-0.01), "threshold must be between 0 and 1"),
+        (dict(threshold=1.5), "threshold must be between 0 and 1"),
+        (dict(seq_len=1), "seq_len must be between 2 and 32"),
+        (dict(seq_len=33), "seq_len must be between 2 and 32"),
+        (dict(n_sequences=0), "n_sequences must be positive"),
         (dict(prompt="Mary"), "at least 2 tokens"),
         (dict(prompt="   "), "empty"),
         (dict(prompt="The cat sat on the mat. " * 5), "longer than"),

@@ -80,7 +80,7 @@ def test_resolve_position_out_of_range(index, n):
     with pytest.raises(HexRayError) as info:
         resolve_position(index, n)
     err = info.value
-    assert f"--token-index {index}" in err.message
+    assert f"token_index {index}" in err.message
     assert f"{n} tokens" in err.message
     assert f"0..{n - 1}" in err.hint
     assert f"-1..-{n}" in err.hint
@@ -330,7 +330,7 @@ def test_single_token_missing_space_hint(tiny_model):
     with pytest.raises(HexRayError) as info:
         tiny_model.single_token("gave")
     err = info.value
-    assert "--target 'gave'" in err.message
+    assert "target 'gave'" in err.message
     assert f"is {len(pieces)} tokens, not one" in err.message
     assert ", ".join(repr(tiny_model.token_str(i)) for i in pieces) in err.message
     assert "' gave'" in err.hint and "leading space" in err.hint
@@ -343,13 +343,13 @@ def test_single_token_lists_the_split(tiny_model):
     with pytest.raises(HexRayError) as info:
         tiny_model.single_token(text, role="contrast")
     err = info.value
-    assert err.message.startswith("--contrast ' Mary gave' is 2 tokens, not one: ")
+    assert err.message.startswith("contrast ' Mary gave' is 2 tokens, not one: ")
     assert "' Mary', ' gave'" in err.message
     assert err.hint == "give exactly one token"
 
 
 def test_single_token_empty(tiny_model):
-    with pytest.raises(HexRayError, match="--target is empty"):
+    with pytest.raises(HexRayError, match="target is empty"):
         tiny_model.single_token("")
 
 

@@ -17,7 +17,7 @@ import torch
 
 import hexray
 from hexray.errors import HexRayError
-from hexray.intervene.batched import run_variants
+from hexray.tracing.edits import run_variants
 from hexray.intervene.patching import (
     _metric,
     activation_patching,
@@ -229,7 +229,7 @@ def test_clean_into_clean_scores_one_and_nothing_scores_zero(case, exact_default
 
 def test_run_variants_read_position_and_mixed_start_layers(case):
     """Variants first editing different layers, in one chunk, each equal their own plain hooked run at read_position 4."""
-    from hexray.intervene.batched import Edit
+    from hexray.tracing.edits import Edit
 
     model, spec = case.model, case.model.spec
     n = len(case.corrupt_ids)
@@ -273,7 +273,7 @@ def test_run_variants_read_position_and_mixed_start_layers(case):
 
 def test_run_variants_two_edits_at_one_hook_keep_their_own_values(case):
     """Two Edits of one variant at one hook, disjoint masks, different values: each region gets its own values."""
-    from hexray.intervene.batched import Edit
+    from hexray.tracing.edits import Edit
 
     model, spec = case.model, case.model.spec
     n = len(case.corrupt_ids)
@@ -439,7 +439,7 @@ def test_different_lengths_without_last_position_raise(case):
     with pytest.raises(HexRayError) as info:
         activation_patching(case.model, SHORT_CLEAN, SHORT_CORRUPT, target=TARGET, contrast=CONTRAST)
     assert "5" in info.value.message and "4" in info.value.message
-    assert info.value.hint and "last-position" in info.value.hint
+    assert info.value.hint and "last_position" in info.value.hint
 
 
 def test_last_position_attribution_uses_final_token_only(case):
@@ -496,12 +496,12 @@ def test_last_position_attribution_of_neurons_ignores_earlier_positions(case):
         (dict(sweeps=""), "empty"),
         (dict(sweeps=" , "), "empty"),
         (dict(sweeps=[]), "empty"),
-        (dict(method="fast"), "unknown --method 'fast'"),
-        (dict(batch_size=0), "batch-size"),
-        (dict(batch_size=-3), "batch-size"),
-        (dict(target=" Berlin"), "--target ' Berlin' is 5 tokens"),
-        (dict(contrast=" Paris"), "--contrast ' Paris' is 4 tokens"),
-        (dict(target=""), "--target is empty"),
+        (dict(method="fast"), "unknown method 'fast'"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=-3), "batch_size"),
+        (dict(target=" Berlin"), "target ' Berlin' is 5 tokens"),
+        (dict(contrast=" Paris"), "contrast ' Paris' is 4 tokens"),
+        (dict(target=""), "target is empty"),
         (dict(target=" Mary", contrast=" Mary"), "same token"),
     ],
     ids=["unknown-sweep", "empty-sweep", "blank-sweep", "empty-list", "method", "batch-0", "batch-neg",

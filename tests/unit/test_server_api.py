@@ -139,7 +139,7 @@ def test_websocket_streams_tokens_then_done(client):
     [
         ("/api/analyze", {"prompt": ""}, "prompt"),
         ("/api/analyze", {"prompt": CLEAN, "granularity": "atoms"}, "granularity"),
-        ("/api/analyze", {"prompt": CLEAN, "token_index": 999}, "--token-index 999"),
+        ("/api/analyze", {"prompt": CLEAN, "token_index": 999}, "token_index 999"),
         ("/api/analyze", {"prompt": CLEAN, "target": " Eiffelzzq"}, "not one"),
         ("/api/analyze", {"prompt": CLEAN, "top_k": 0}, "top_k"),
         ("/api/analyze", {"prompt": CLEAN, "bogus": 1}, "bogus"),
@@ -156,7 +156,7 @@ def test_websocket_streams_tokens_then_done(client):
         ("/api/attention", {"prompt": CLEAN, "layer": 0}, "head"),
         ("/api/attention", {"prompt": "", "layer": 0, "head": 0}, "prompt"),
         ("/api/attention", {"prompt": "   ", "layer": 0, "head": 0}, "empty"),
-        ("/api/attention", {"prompt": CLEAN, "layer": 0, "head": 0, "seq_len": 40}, "--seq-len"),
+        ("/api/attention", {"prompt": CLEAN, "layer": 0, "head": 0, "seq_len": 40}, "seq_len"),
     ],
 )
 def test_bad_requests_answer_422_with_a_message(client, path, body, needle):
@@ -330,7 +330,7 @@ def test_ws_analyze_streams_layers_then_the_post_document(client, tiny_llama):
 @pytest.mark.parametrize(
     "path, request_, needle",
     [
-        ("/ws/analyze", {"prompt": CLEAN, "token_index": 999}, "--token-index 999"),  # found while working
+        ("/ws/analyze", {"prompt": CLEAN, "token_index": 999}, "token_index 999"),  # found while working
         ("/ws/analyze", {"prompt": CLEAN, "granularity": "atoms"}, "granularity"),  # found reading the request
         ("/ws/analyze", "not json", ""),
         ("/ws/patch", {"clean": CLEAN, "corrupt": "When John went to the store, Mary gave a drink to"}, "equal lengths"),

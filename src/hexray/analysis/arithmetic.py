@@ -53,7 +53,7 @@ def arithmetic_graph(model: LoadedModel, trace: Trace, *, position: int = -1) ->
     pos = resolve_position(position, trace.n_tokens)
     numbers, operators = find_operands(trace.tokens[: pos + 1])
     if not numbers:
-        raise HexRayError("--arithmetic-graph: the prompt has no numbers before the answer position", hint='try e.g. "12 + 34 ="')
+        raise HexRayError("{field}: the prompt has no numbers before the answer position", hint='try e.g. "12 + 34 ="', field="arithmetic")
     attribution = direct_logit_attribution(model, trace, position=pos, granularity="head")
     head_scores = attribution.head_matrix(spec.n_layers, spec.n_heads)
     mlp_scores = attribution.layer_totals(spec.n_layers)[1]

@@ -21,8 +21,19 @@ import torch
 from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
+from hexray.options import Option, options_class
 from hexray.tracing import sites
-from hexray.tracing.engine import tokenize_prompt
+from hexray.tracing.engine import capture, tokenize_prompt
+
+HEADS_OPTIONS: tuple[Option, ...] = (
+    Option("threshold", float, 0.4, "Minimum score for a head to get a role label.", ge=0, le=1),
+    Option("seq_len", int, 25, "Length of each random sequence (repeated once) for the induction score (2 to half the context).", api_le=512),
+    Option("n_sequences", int, 4, "Random sequences to average the induction score over.", flag="--sequences", api_name="sequences", gt=0, api_le=32),
+    Option("seed", int, 0, "Seed for the random sequences."),
+    Option("top_k", int, 5, "Heads listed per role.", short="-k", gt=0, api=False),
+    Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+)
+HeadsOptions = options_class("HeadsOptions", HEADS_OPTIONS, doc="The options of ``hexray heads`` and ``/api/heads`` (and the induction data of ``/api/attention``).")
 
 DEFAULT_TEXT = (
     "The cat sat on the mat. The dog sat on the rug. When the cat saw the dog, the cat ran up the tree, "
@@ -60,10 +71,9 @@ def role_scores(patterns: torch.Tensor, detection: torch.Tensor) -> tuple[torch.
 def _patterns(model: LoadedModel, batch: torch.Tensor, layers: range | None = None) -> torch.Tensor:
     """Attention patterns of ``layers`` (default all) for token ids [batch, pos]: [batch, layers, heads, q, k]."""
     layers = range(model.spec.n_layers) if layers is None else layers
-    names = {sites.attn_pattern(layer) for layer in layers}
-    with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(batch.to(model.device), names_filter=lambda name: name in names)
-    return torch.stack([cache[sites.attn_pattern(layer)] for layer in layers], dim=1).float().cpu()
+    names = [sites.attn_pattern(layer) for layer in layers]
+    _, rows = capture(model, batch.tolist(), names, stop_after_layer=max(layers))  # nothing past the last pattern is read
+    return torch.stack([torch.stack([row[name] for name in names]) for row in rows]).cpu()
 
 
 def repeated_random_tokens(model: LoadedModel, *, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
@@ -91,7 +101,7 @@ def classify_heads(
     repeated words); induction always comes from ``n_sequences`` repeated random sequences.
     """
     if not 0 <= threshold <= 1:
-        raise HexRayError(f"--threshold must be between 0 and 1, got {threshold}")
+        raise HexRayError(f"{{field}} must be between 0 and 1, got {threshold}", field="threshold")
     _check_induction_data(model, seq_len, n_sequences)
     text, ids = _scored_text(model, prompt, prepend_bos)
     tokens = torch.tensor(ids)
@@ -146,9 +156,9 @@ def head_attention(
 
 def _check_induction_data(model: LoadedModel, seq_len: int, n_sequences: int) -> None:
     if seq_len < 2 or 2 * seq_len > model.spec.n_ctx:
-        raise HexRayError(f"--seq-len must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}")
+        raise HexRayError(f"{{field}} must be between 2 and {model.spec.n_ctx // 2}, got {seq_len}", field="seq_len")
     if n_sequences <= 0:
-        raise HexRayError(f"--sequences must be positive, got {n_sequences}")
+        raise HexRayError(f"{{field}} must be positive, got {n_sequences}", field="n_sequences")
 
 
 def _scored_text(model: LoadedModel, prompt: str | None, prepend_bos: bool | None) -> tuple[str, list[int]]:
@@ -160,7 +170,7 @@ def _scored_text(model: LoadedModel, prompt: str | None, prepend_bos: bool | Non
         text = prompt
         ids, _ = tokenize_prompt(model, text, prepend_bos=prepend_bos)
     if len(ids) < 2:
-        raise HexRayError("the prompt needs at least 2 tokens to score heads", hint="give a longer --prompt")
+        raise HexRayError("{field}: the prompt needs at least 2 tokens to score heads", hint="give a longer {field}", field="prompt")
     return text, ids
 
 

@@ -33,8 +33,7 @@ def lens_logits(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     Uses the model's own final-norm module, so every norm variant is applied as the model does.
     """
     with torch.inference_mode():
-        normed = model.bridge.ln_final.original_component(resid)
-        return normed @ model.W_U + model.b_U
+        return model.apply_final_norm(resid) @ model.W_U + model.b_U
 
 
 def logit_lens(model: LoadedModel, trace: Trace, *, position: int = -1, target: int | None = None, k: int = 5) -> LogitLens:

@@ -1,122 +1,106 @@
-"""One request, one forward pass, every requested analysis: what ``hexray --prompt ...`` computes.
+"""One request, one forward pass, every requested analysis: what ``hexray trace`` computes.
 
-The CLI and the server both call :func:`analyze`; renderers turn its :class:`Report` into
-console tables, ``--json`` and the HTML report.
+The CLI and the server both call :func:`analyze`; the analyses it runs, their options, and how
+each is rendered come from :mod:`hexray.analysis.registry`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from hexray.analysis.arithmetic import arithmetic_graph, arithmetic_hooks
-from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution
-from hexray.analysis.lens import lens_hooks, logit_lens, next_token_predictions, residual_hooks, residual_trace
-from hexray.analysis.results import ArithmeticGraph, Attribution, Granularity, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
-from hexray.analysis.steps import step_attribution
-from hexray.analysis.weights import weight_view
-from hexray.errors import HexRayError
+from hexray.analysis.attribution import direct_logit_attribution
+from hexray.analysis.registry import Analysis, Context, analyses
+from hexray.analysis.results import GRANULARITIES, Attribution
 from hexray.models.loading import LoadedModel, ModelSpec
+from hexray.options import Option, options_class
 from hexray.tracing.engine import Trace, run_trace
 
+CORE_OPTIONS: tuple[Option, ...] = (
+    Option("target", str | None, None, "Explain this token's logit (one token, e.g. ' Mary'). Default: the prediction."),
+    Option("contrast", str | None, None, "Explain logit(target) - logit(contrast), e.g. ' John'."),
+    Option("token_index", int, -1, "Position whose next-token prediction to explain; negative counts from the end."),
+    Option("granularity", str, "layer", "layer | head | neuron.", choices=GRANULARITIES, unknown="unknown granularity {value!r}", api_default="head"),
+    Option("top_k", int, 10, "Show the top K components.", flag="--top-k-attribution", short="-k", gt=0, api_le=1000, cli_unset=True),
+    Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+    Option("save_hooks", tuple[str, ...], (), "Hook names to keep in the trace (for saving activations).", flag="", api=False),
+)
 
-@dataclass(frozen=True)
-class AnalysisOptions:
-    """The options of ``hexray --prompt``; every field has the CLI's default."""
 
-    target: str | None = None  # a token string; None = the model's prediction
-    contrast: str | None = None
-    token_index: int = -1
-    granularity: Granularity = "layer"
-    top_k: int = 10
-    logit_lens: bool = False
-    lens_k: int = 5
-    residual: bool = False
-    logit_debug: bool = False  # adds per-head attribution even at layer granularity
-    cot: bool = False
-    weight_specs: tuple[str, ...] = ()
-    arithmetic: bool = False
-    save_hooks: tuple[str, ...] = ()  # hook names to keep in the trace for --save-activations
-    prepend_bos: bool | None = None
-    predictions_k: int = 0  # > 0: the top next tokens at every position (the lab's token strip)
-    lens_window: int = 0  # > 0: the residual trace's lens only at this many positions up to the explained one
+def trace_options() -> tuple[Option, ...]:
+    """Every option of ``hexray trace`` / ``/api/analyze``: the core ones, then each analysis's."""
+    return CORE_OPTIONS + tuple(o for a in analyses() for o in a.all_options)
 
-    def validate(self) -> None:
-        """Checks that need no model: run before loading anything."""
-        check_granularity(self.granularity)
-        if self.top_k <= 0:
-            raise HexRayError(f"--top-k-attribution must be positive, got {self.top_k}")
-        if self.lens_k <= 0:
-            raise HexRayError(f"--lens-k must be positive, got {self.lens_k}")
-        if self.lens_window < 0:
-            raise HexRayError(f"lens_window must be 0 or more, got {self.lens_window}")
-        if self.predictions_k < 0:
-            raise HexRayError(f"predictions_k must be 0 or more, got {self.predictions_k}")
+
+def _check(options) -> None:
+    for a in analyses():
+        if a.checks is not None and a.enabled(options):
+            a.checks(options)
+
+
+AnalysisOptions = options_class(
+    "AnalysisOptions", trace_options(), check=_check,
+    doc="The options of ``hexray trace`` (and ``/api/analyze``): the core ones and every registered analysis's; the CLI's defaults.",
+)
 
 
 @dataclass(frozen=True)
 class Report:
+    """The core attribution and every requested analysis's result, by registry name.
+
+    ``report.logit_lens`` (any registry name) is that analysis's result, or its ``absent`` value
+    (None, or () for weights) when it was not asked for.
+    """
+
     spec: ModelSpec
-    options: AnalysisOptions
+    options: Any  # AnalysisOptions
     attribution: Attribution
-    head_attribution: Attribution | None = None  # --logit-debug: per head, whatever the granularity
-    logit_lens: LogitLens | None = None
-    residual: ResidualTrace | None = None
-    steps: StepAttribution | None = None
-    weights: tuple[WeightView, ...] = ()
-    arithmetic: ArithmeticGraph | None = None
-    predictions: tuple[tuple[TokenScore, ...], ...] | None = None  # [pos][k]
+    sections: Mapping[str, Any] = field(default_factory=dict)
     trace: Trace | None = field(default=None, repr=False, compare=False)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("spec", "options", "attribution", "sections", "trace"):
+            raise AttributeError(name)
+        for a in analyses():
+            if a.name == name:
+                return self.sections.get(name, a.absent)
+        raise AttributeError(f"Report has no analysis {name!r}")
 
-def plan_hooks(spec: ModelSpec, options: AnalysisOptions) -> set[str]:
+    @property
+    def context(self) -> Context:
+        return Context(self.spec, self.options, self.attribution)
+
+    def computed(self) -> list[tuple[Analysis, Any]]:
+        """(analysis, result) for the core attribution and every analysis computed, in registry order."""
+        return [(a, self.attribution if a.switch is None else self.sections[a.name]) for a in analyses() if a.switch is None or a.name in self.sections]
+
+    def _repr_html_(self) -> str:
+        from hexray.render.html import report_html
+
+        return report_html(self, {})
+
+
+def plan_hooks(spec: ModelSpec, options) -> set[str]:
     """Every hook the requested analyses read, so one filtered forward pass serves them all."""
-    hooks = attribution_hooks(spec, options.granularity)
-    if options.logit_debug and options.granularity == "layer":
-        hooks |= attribution_hooks(spec, "head")
-    if options.logit_lens:
-        hooks |= lens_hooks(spec)
-    if options.residual:
-        hooks |= residual_hooks(spec)
-    if options.arithmetic:
-        hooks |= arithmetic_hooks(spec)
-    return hooks | set(options.save_hooks)
+    hooks: set[str] = set(options.save_hooks)
+    for a in analyses():
+        if a.enabled(options):
+            hooks |= a.hooks(spec, options)
+    return hooks
 
 
-def analyze(model: LoadedModel, prompt: str, options: AnalysisOptions = AnalysisOptions()) -> Report:
+def analyze(model: LoadedModel, prompt: str, options=None) -> Report:
     """Run ``prompt`` once and compute every analysis ``options`` asks for."""
+    options = AnalysisOptions() if options is None else options
     options.validate()
     # resolve everything a user can get wrong before the forward pass
     target = model.single_token(options.target, role="target") if options.target is not None else None
     contrast = model.single_token(options.contrast, role="contrast") if options.contrast is not None else None
-    weights = tuple(weight_view(model, spec) for spec in options.weight_specs)
     trace = run_trace(model, prompt, plan_hooks(model.spec, options), prepend_bos=options.prepend_bos)
-
     attribution = direct_logit_attribution(
         model, trace, position=options.token_index, target=target, contrast=contrast, granularity=options.granularity
     )
-    head_attribution = None
-    if options.logit_debug:
-        head_attribution = attribution if options.granularity != "layer" else direct_logit_attribution(
-            model, trace, position=options.token_index, target=target, contrast=contrast, granularity="head"
-        )
-    return Report(
-        spec=model.spec,
-        options=options,
-        attribution=attribution,
-        head_attribution=head_attribution,
-        logit_lens=logit_lens(model, trace, position=attribution.position, target=attribution.target.id, k=options.lens_k)
-        if options.logit_lens
-        else None,
-        residual=residual_trace(model, trace, lens_positions=_lens_window(attribution.position, options.lens_window))
-        if options.residual
-        else None,
-        steps=step_attribution(model, trace, granularity=options.granularity) if options.cot else None,
-        weights=weights,
-        arithmetic=arithmetic_graph(model, trace, position=attribution.position) if options.arithmetic else None,
-        predictions=next_token_predictions(model, trace, k=options.predictions_k) if options.predictions_k else None,
-        trace=trace,
-    )
-
-
-def _lens_window(position: int, window: int) -> range | None:
-    return range(max(0, position - window + 1), position + 1) if window else None
+    ctx = Context(model.spec, options, attribution)
+    sections = {a.name: a.compute(model, trace, ctx) for a in analyses() if a.switch is not None and a.enabled(options)}
+    return Report(spec=model.spec, options=options, attribution=attribution, sections=sections, trace=trace)

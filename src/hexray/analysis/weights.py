@@ -20,7 +20,7 @@ SPEC_HELP = "use attn.L<layer>.W_Q|W_K|W_V|W_O or mlp.L<layer>.W_in|W_out|W_gate
 def parse_weight_spec(spec: str, model: LoadedModel) -> tuple[str, int, str]:
     m = _SPEC.match(spec.strip())
     if not m:
-        raise HexRayError(f"malformed --weight-heatmap {spec!r}", hint=SPEC_HELP)
+        raise HexRayError(f"malformed {{field}} {spec!r}", hint=SPEC_HELP, field="weight_specs")
     module, layer, weight = m.group(1), int(m.group(2)), m.group(3)
     table = _ATTN if module == "attn" else _MLP
     if weight not in table:
@@ -35,8 +35,7 @@ def parse_weight_spec(spec: str, model: LoadedModel) -> tuple[str, int, str]:
 def weight_view(model: LoadedModel, spec: str) -> WeightView:
     """The weight named by ``spec``, shaped [heads, rows, cols] (one 'head' for MLP weights)."""
     module, layer, weight = parse_weight_spec(spec, model)
-    block = model.bridge.blocks[layer]
-    tensor = getattr(block.attn if module == "attn" else block.mlp, weight)
+    tensor = model.block_weight(layer, module, weight)  # type: ignore[arg-type]
     if tensor is None:
         raise HexRayError(f"{spec}: {model.name} does not expose this weight")
     with torch.no_grad():

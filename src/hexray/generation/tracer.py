@@ -16,48 +16,45 @@ call :meth:`TracedGeneration.result` (also after an interruption) for steps and 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction, write_directions
-from hexray.analysis.results import Granularity
+from hexray.analysis.results import GRANULARITIES
 from hexray.errors import HexRayError
 from hexray.generation.results import GenerationResult, StopReason, TokenRecord
 from hexray.generation.steps import reasoning_steps
 from hexray.models.loading import LoadedModel
+from hexray.options import Option, options_class
 from hexray.tracing import sites
 from hexray.tracing.engine import IncrementalRun, Trace, tokenize_prompt
 from hexray.tracing.sites import Component, parse_components
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy
-    seed: int | None = None
-    chat: bool = False
-    granularity: Granularity = "head"
-    top_k: int = 5
-    watch: tuple[str, ...] = ()  # component labels: L10N1234, L9H6, MLP10, ATTN9, RESID12
-    watch_threshold: float | None = None
-    text: str | None = None  # trace this continuation instead of generating
-    graph_threshold: float = 0.1
-    stop_at_eos: bool = True
+GENERATION_OPTIONS: tuple[Option, ...] = (
+    Option("max_new_tokens", int, 32, "Tokens to generate.", short="-n", api_le=1024),
+    Option("temperature", float, 0.0, "0 = greedy (default, reproducible); > 0 samples.", ge=0),
+    Option("seed", int | None, None, "Seed for sampling."),
+    Option("chat", bool, False, "Apply the model's chat template to the prompt."),
+    Option("text", str | None, None, "Trace this continuation of the prompt instead of generating."),
+    Option("granularity", str, "head", "Components per token: layer | head | neuron.", choices=GRANULARITIES, unknown="unknown granularity {value!r}"),
+    Option("top_k", int, 3, "Components shown per token.", short="-k", gt=0, api_le=100),
+    Option("watch", tuple[str, ...], (), "Components to watch at every token: L10N1234, L9H6, MLP10, ATTN9, RESID12 (comma-separated).", short=None),
+    Option("watch_threshold", float | None, None, "Mark tokens where a watched value reaches this (absolute value)."),
+    Option("graph_threshold", float, 0.1, "Keep a dependency edge when it is at least this share of the step's largest.", ge=0, le=1),
+    Option("stop_at_eos", bool, True, "Stop at the end-of-text token.", flag="", api=False),
+)
 
-    def validate(self) -> None:
-        check_granularity(self.granularity)
-        if self.text is None and self.max_new_tokens <= 0:
-            raise HexRayError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise HexRayError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k <= 0:
-            raise HexRayError(f"--top-k must be positive, got {self.top_k}")
-        if self.text is not None and not self.text.strip():
-            raise HexRayError("--text is empty", hint="give the continuation to trace")
-        if not 0 <= self.graph_threshold <= 1:
-            raise HexRayError(f"--graph-threshold must be between 0 and 1, got {self.graph_threshold}")
+
+def _check_generation(o) -> None:
+    if o.text is None and o.max_new_tokens <= 0:
+        raise HexRayError(f"{{field}} must be positive, got {o.max_new_tokens}", field="max_new_tokens")
+    if o.text is not None and not o.text.strip():
+        raise HexRayError("{field} is empty", hint="give the continuation to trace", field="text")
+
+
+GenerationOptions = options_class("GenerationOptions", GENERATION_OPTIONS, check=_check_generation, doc="The options of ``hexray generate`` and ``/api/generate``.")
 
 
 def watch_value(component: Component, model: LoadedModel, acts: dict[str, torch.Tensor]) -> float:
@@ -90,12 +87,12 @@ class TracedGeneration:
         if options.text is not None:
             self.forced = model.tokenizer(options.text, add_special_tokens=False)["input_ids"]
             if not self.forced:
-                raise HexRayError("--text produced no tokens")
+                raise HexRayError("{field} produced no tokens", field="text")
         n_new = len(self.forced) if self.forced is not None else options.max_new_tokens
         if len(self.prompt_ids) + n_new > spec.n_ctx:
             raise HexRayError(
                 f"the prompt ({len(self.prompt_ids)} tokens) plus {n_new} new tokens is past {model.name}'s context of {spec.n_ctx}",
-                hint="lower --max-new-tokens or shorten the prompt",
+                hint="lower {field} or shorten the prompt", field="max_new_tokens",
             )
         self.hooks = (
             attribution_hooks(spec, options.granularity)
@@ -116,26 +113,13 @@ class TracedGeneration:
         model = self.model
         if self.options.chat:
             if not getattr(model.tokenizer, "chat_template", None):
-                raise HexRayError(f"{model.name} has no chat template", hint="drop --chat")
+                raise HexRayError(f"{model.name} has no chat template", hint="turn {field} off", field="chat")
             if not self.prompt or not self.prompt.strip():
-                raise HexRayError("the prompt is empty", hint="pass --prompt with some text")
+                raise HexRayError("{field}: the prompt is empty", hint="give {field} some text", field="prompt")
             out = model.tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], add_generation_prompt=True, tokenize=True)
             ids = list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
             return ids
         ids, _ = tokenize_prompt(model, self.prompt)
-        return ids
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        tok = self.model.tokenizer
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-        config = getattr(self.model.bridge.original_model, "generation_config", None)
-        extra = getattr(config, "eos_token_id", None)
-        if isinstance(extra, int):
-            ids.add(extra)
-        elif extra:
-            ids.update(int(i) for i in extra)
         return ids
 
     def __iter__(self) -> Iterator[TokenRecord]:
@@ -144,7 +128,7 @@ class TracedGeneration:
         self._started = True
         model, opts = self.model, self.options
         gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
-        eos = self._eos_ids() if opts.stop_at_eos and self.forced is None else set()
+        eos = self.model.eos_ids() if opts.stop_at_eos and self.forced is None else set()
         n_new = len(self.forced) if self.forced is not None else opts.max_new_tokens
         tokens = torch.tensor([self.prompt_ids])
         run = IncrementalRun(model)
@@ -170,25 +154,15 @@ class TracedGeneration:
 
     def _step(self, run: IncrementalRun, tokens: torch.Tensor):
         """One (incremental) forward pass; activations at the last position only, values in full."""
-        store: dict[str, torch.Tensor] = {}
-
-        def keeper(name: str):
-            def keep(x: torch.Tensor, hook) -> None:
-                store[name] = x.detach().float()
-
-            return keep
-
-        logits = run.step(tokens, [(n, keeper(n)) for n in self.hooks])
+        logits, store = run.step(tokens, self.hooks)
         acts = {}
-        for name, x in store.items():
-            x = x[0]
-            if name.endswith("hook_pattern"):
-                acts[name] = x[:, -1:, :]  # [heads, 1, k]
-            elif name.endswith("hook_v"):  # [new, kv_heads, d_head] appended to this layer's values
-                layer = int(name.split(".")[1])
-                self._value_buffer[layer, self._n_values : self._n_values + x.shape[0]] = x
+        for hook, x in store.items():
+            if hook.point == "pattern":
+                acts[hook] = x[:, -1:, :]  # [heads, 1, k]
+            elif hook.point == "v":  # [new, kv_heads, d_head] appended to this layer's values
+                self._value_buffer[hook.layer, self._n_values : self._n_values + x.shape[0]] = x
             else:
-                acts[name] = x[-1:]
+                acts[hook] = x[-1:]
         self._n_values += tokens.shape[1]
         return acts, logits[-1]
 

@@ -19,11 +19,25 @@ import torch
 from hexray.analysis.lens import lens_logits
 from hexray.analysis.results import TokenScore
 from hexray.errors import HexRayError
-from hexray.intervene.batched import Edit, run_variants, site_mask
 from hexray.intervene.results import ABLATION_MODES, AblationMode, AblationResult, Distribution, Site
 from hexray.models.loading import LoadedModel, ModelSpec
-from hexray.tracing.engine import resolve_position, run_trace
-from hexray.tracing.sites import COMPONENT_FORMS, component_hook, parse_component
+from hexray.options import Option, options_class
+from hexray.tracing.edits import Edit, run_variants, site_mask
+from hexray.tracing.engine import capture, resolve_position, run_trace
+from hexray.tracing.sites import COMPONENT_FORMS, component_hook, parse_component, parse_hook
+
+
+ABLATE_OPTIONS: tuple[Option, ...] = (
+    Option("mode", str, "zero", "zero | mean | resample.", choices=ABLATION_MODES),
+    Option("samples", int, 8, "Resample draws to average.", gt=0, api_le=64),
+    Option("seed", int, 0, "Seed for resampling."),
+    Option("target", str | None, None, "Target token (one token, e.g. ' Mary'). Default: the prediction."),
+    Option("contrast", str | None, None, "Contrast token: also report logit(target) - logit(contrast)."),
+    Option("token_index", int, -1, "Position whose next-token distribution to compare; negative counts from the end."),
+    Option("top_k", int, 10, "Tokens in each distribution (and rows in the console table).", short="-k", gt=0, api_le=1000),
+    Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+)
+AblateOptions = options_class("AblateOptions", ABLATE_OPTIONS, doc="The options of ``hexray ablate`` and ``/api/ablate`` (besides the prompt, components and reference set).")
 
 
 def default_reference_prompts() -> list[str]:
@@ -38,12 +52,12 @@ def read_reference_prompts(path: str | Path) -> list[str]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise HexRayError(f"--reference {path}: no such file") from None
+        raise HexRayError(f"{{field}} {path}: no such file", field="reference") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise HexRayError(f"--reference {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        raise HexRayError(f"{{field}} {path} cannot be read: {getattr(exc, 'strerror', None) or exc}", field="reference") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise HexRayError(f"--reference {path} has no prompts", hint="give one prompt a line")
+        raise HexRayError(f"{{field}} {path} has no prompts", hint="give one prompt a line", field="reference")
     return prompts
 
 
@@ -73,17 +87,14 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
 
 
 def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str], prepend_bos: bool | None) -> list[dict[str, torch.Tensor]]:
-    """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt.
+    """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt, from one batch.
 
-    One right-padded batch: attention is causal, so padding never reaches a real token.
+    The batch stops after the deepest hooked layer: nothing later is read.
     """
     ids = [model.encode(p, prepend_bos=prepend_bos) for p in prompts]  # tokenized like the prompt
     ids = [i[: model.spec.n_ctx] for i in ids if i]
-    width = max(len(i) for i in ids)
-    batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in ids], device=model.device)
-    with torch.inference_mode():
-        _, cache = model.bridge.run_with_cache(batch, names_filter=lambda name: name in hooks)
-    return [{h: cache[h][row, : len(i)].float() for h in hooks} for row, i in enumerate(ids)]
+    deepest = max(parse_hook(h).layer for h in hooks)
+    return capture(model, ids, hooks, stop_after_layer=deepest)[1]
 
 
 def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor, target: int, contrast: int | None, k: int) -> Distribution:
@@ -103,12 +114,7 @@ def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor,
 
 def check_ablation_options(mode: str, *, k: int, samples: int) -> None:
     """The checks that need no model (the CLI runs them before loading one)."""
-    if mode not in ABLATION_MODES:
-        raise HexRayError(f"unknown --mode {mode!r}", hint="use zero, mean or resample")
-    if k <= 0:
-        raise HexRayError(f"--top-k must be positive, got {k}")
-    if samples <= 0:
-        raise HexRayError(f"--samples must be positive, got {samples}")
+    AblateOptions(mode=mode, top_k=k, samples=samples).validate()
 
 
 def ablate(
@@ -157,8 +163,7 @@ def ablate(
     for site, p in sites_at:
         hook = component_hook(site.component)
         shape = trace.acts[hook].shape
-        c = site.component
-        mask = site_mask(c.kind, c.head if c.kind == "head" else c.neuron, p, shape)
+        mask = site_mask(site.component.unit, p, shape)
         if mode == "zero":
             values = [torch.zeros(shape)]
         elif mode == "mean":

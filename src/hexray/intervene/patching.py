@@ -6,7 +6,7 @@ normalised so that 1 is the clean prompt's value and 0 the corrupt prompt's::
     score = (patched - corrupt) / (clean - corrupt)
 
 *Exact* patching copies one site's clean activation into the corrupt run and measures the metric
-(every site of a sweep in a few batched forward passes, see :mod:`hexray.intervene.batched`).
+(every site of a sweep in a few batched forward passes, see :mod:`hexray.tracing.edits`).
 *Attribution* patching estimates the same number to first order from one forward and one backward
 pass on the corrupt prompt: ``(clean_act - corrupt_act) . d metric / d act``.
 """
@@ -20,12 +20,24 @@ import torch
 
 from hexray.analysis.attribution import logit_direction, token_score
 from hexray.errors import HexRayError
-from hexray.intervene.batched import Edit, run_variants, site_mask
-from hexray.intervene.results import METHODS, SWEEPS, Method, PatchingResult, PatchScore, Site, Sweep
+from hexray.intervene.results import METHODS, SWEEP_KINDS, SWEEPS, Method, PatchingResult, PatchScore, Site, Sweep
 from hexray.models.loading import LoadedModel, ModelSpec
-from hexray.tracing import sites
-from hexray.tracing.engine import run_trace, tokenize_prompt
-from hexray.tracing.sites import Component
+from hexray.options import Option, options_class
+from hexray.tracing.edits import Edit, run_variants, site_mask
+from hexray.tracing.engine import run_trace, run_with_gradients, tokenize_prompt
+from hexray.tracing.sites import Component, Hook
+
+PATCH_OPTIONS: tuple[Option, ...] = (
+    Option("target", str | None, None, "Target token (one token, e.g. ' Mary'). Default: the clean prompt's prediction."),
+    Option("contrast", str | None, None, "Contrast token: the metric is logit(target) - logit(contrast). Default: the corrupt prompt's prediction."),
+    Option("sweeps", str | None, None, "Comma-separated: heads, heads-pos, resid, attn, mlp, neurons (attribution only), or all. Default: heads,resid (attribution: all).", flag="--sweep", api_name="sweep"),
+    Option("method", str, "exact", "exact | attribution | both.", choices=METHODS),
+    Option("batch_size", int | None, None, "Patched variants per forward pass (default: what fits ~1.5 GB).", gt=0, api_le=4096),
+    Option("last_position_only", bool, False, "Patch only the final token; the prompts may then differ in length.", flag="--last-position", api_name="last_position"),
+    Option("top_k", int, 10, "Rows in each console table.", short="-k", gt=0, api=False),
+    Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+)
+PatchOptions = options_class("PatchOptions", PATCH_OPTIONS, check=lambda o: parse_sweeps(o.sweeps, o.method), doc="The options of ``hexray patch`` and ``/api/patch``.")
 
 DEFAULT_SWEEPS: dict[str, tuple[Sweep, ...]] = {
     "exact": ("heads", "resid"),
@@ -35,36 +47,29 @@ DEFAULT_SWEEPS: dict[str, tuple[Sweep, ...]] = {
 _PER_POSITION = {"heads-pos", "resid", "attn", "mlp"}
 
 
-def sweep_hook(sweep: Sweep, layer: int) -> str:
-    """The hook a sweep patches at ``layer``."""
-    return {
-        "heads": sites.head_z,
-        "heads-pos": sites.head_z,
-        "resid": sites.resid_pre,
-        "attn": sites.attn_out,
-        "mlp": sites.mlp_out,
-        "neurons": sites.mlp_post,
-    }[sweep](layer)
+def sweep_hook(sweep: Sweep, layer: int) -> Hook:
+    """The hook a sweep patches at ``layer``: its component kind's hook (``sites.KINDS``)."""
+    return Component(SWEEP_KINDS[sweep], layer).hook
 
 
 def parse_sweeps(text: str | Iterable[str] | None, method: str) -> tuple[Sweep, ...]:
     """``"heads,resid"`` (or ``"all"``) -> sweep names, checked against ``method``."""
     if method not in METHODS:
-        raise HexRayError(f"unknown --method {method!r}", hint="use exact, attribution or both")
+        raise HexRayError(f"unknown {{field}} {method!r}", hint="use exact, attribution or both", field="method")
     if text is None:
         return DEFAULT_SWEEPS[method]
     parts = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     if parts == ["all"]:
         return tuple(s for s in SWEEPS if method == "attribution" or s != "neurons")  # type: ignore[misc]
     if not parts:
-        raise HexRayError("--sweep is empty", hint=f"use some of {', '.join(SWEEPS)}, or all")
+        raise HexRayError("{field} is empty", hint=f"use some of {', '.join(SWEEPS)}, or all", field="sweeps")
     for p in parts:
         if p not in SWEEPS:
-            raise HexRayError(f"unknown sweep {p!r}", hint=f"use some of {', '.join(SWEEPS)}, or all")
+            raise HexRayError(f"unknown sweep {p!r}", hint=f"use some of {', '.join(SWEEPS)}, or all", field="sweeps")
     if "neurons" in parts and method != "attribution":
         raise HexRayError(
             "the neurons sweep is attribution-only (one exact forward pass per neuron would be tens of thousands)",
-            hint="use --method attribution, or drop neurons from --sweep",
+            hint="use method attribution, or drop neurons from the sweeps",
         )
     return tuple(dict.fromkeys(parts))  # type: ignore[arg-type]
 
@@ -80,16 +85,13 @@ def sweep_sites(spec: ModelSpec, sweep: Sweep, positions: Sequence[int] | None) 
         elif sweep == "neurons":
             out += [Site(Component("neuron", layer, neuron=n)) for n in range(spec.d_mlp)]
         else:
-            kind = {"resid": "resid", "attn": "attn", "mlp": "mlp"}[sweep]
-            out += [Site(Component(kind, layer), p) for p in positions]  # type: ignore[arg-type]
+            out += [Site(Component(SWEEP_KINDS[sweep], layer), p) for p in positions]
     return out
 
 
 def site_edit(site: Site, hook: str, source: torch.Tensor, n_tokens: int) -> Edit:
     """Copy ``source`` (aligned to the base prompt's positions) into the base run at ``site``."""
-    c = site.component
-    unit = c.head if c.kind == "head" else c.neuron
-    return Edit(hook, site_mask(c.kind, unit, site.position, (n_tokens, *source.shape[1:])), source)
+    return Edit(hook, site_mask(site.component.unit, site.position, (n_tokens, *source.shape[1:])), source)
 
 
 def _aligned(source: torch.Tensor, base_len: int) -> torch.Tensor:
@@ -104,9 +106,7 @@ def _aligned(source: torch.Tensor, base_len: int) -> torch.Tensor:
 def _metric(model: LoadedModel, final_resid: torch.Tensor, target: int, contrast: int) -> torch.Tensor:
     """logit(target) - logit(contrast) from the final residual stream [n, d_model] -> [n]."""
     u, const = logit_direction(model, target, contrast)
-    with torch.inference_mode():
-        normed = model.bridge.ln_final.original_component(final_resid)
-    return normed.float() @ u + const
+    return model.apply_final_norm(final_resid).float() @ u + const
 
 
 def exact_patching_values(
@@ -138,31 +138,10 @@ def metric_gradients(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward and one backward pass: (logits [pos, vocab], activations, d metric / d activation).
 
-    Activations and gradients are at ``hooks``, without the batch dimension.
+    The metric is logit(target) - logit(contrast) at the last position; activations and gradients
+    are at ``hooks``, without the batch dimension.
     """
-    wanted = sorted(set(hooks))
-    acts: dict[str, torch.Tensor] = {}
-    first = sites.resid_pre(0)
-
-    def keeper(name: str):
-        def keep(x: torch.Tensor, hook) -> torch.Tensor:
-            if name == first:  # a leaf: gradients flow to the activations, never to the weights
-                x = x.detach().requires_grad_(True)
-            acts[name] = x
-            return x  # returned, so the stored tensor is the one the model goes on with
-
-        return keep
-
-    with torch.enable_grad():
-        tokens = torch.tensor([list(token_ids)], device=model.device)
-        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})], use_cache=False)
-        value = logits[0, -1, target] - logits[0, -1, contrast]
-        grads = torch.autograd.grad(value, [acts[n] for n in wanted])
-    return (
-        logits[0].detach().float(),
-        {n: acts[n][0].detach().float() for n in wanted},
-        {n: g[0].detach().float() for n, g in zip(wanted, grads)},
-    )
+    return run_with_gradients(model, token_ids, hooks, lambda logits: logits[-1, target] - logits[-1, contrast])
 
 
 def attribution_scores(site_sweeps: Sequence[tuple[Site, Sweep]], delta_grad: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -206,14 +185,14 @@ def activation_patching(
     """
     chosen = parse_sweeps(sweeps, method)
     if batch_size is not None and batch_size <= 0:
-        raise HexRayError(f"--batch-size must be positive, got {batch_size}")
-    clean_ids = _tokens(model, clean, "--clean", prepend_bos)
-    corrupt_ids = _tokens(model, corrupt, "--corrupt", prepend_bos)
+        raise HexRayError(f"{{field}} must be positive, got {batch_size}", field="batch_size")
+    clean_ids = _tokens(model, clean, "clean", prepend_bos)
+    corrupt_ids = _tokens(model, corrupt, "corrupt", prepend_bos)
     if len(clean_ids) != len(corrupt_ids) and not last_position_only:
         raise HexRayError(
             f"the clean prompt is {len(clean_ids)} tokens and the corrupt prompt {len(corrupt_ids)}; "
             "patching position by position needs equal lengths",
-            hint="make the prompts the same length in tokens, or pass --last-position to patch only the final token",
+            hint="make the prompts the same length in tokens, or patch only the final token ({field})", field="last_position_only",
         )
     target_id = model.single_token(target, role="target") if target is not None else None
     contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
@@ -230,13 +209,13 @@ def activation_patching(
         if contrast_id == target_id:
             raise HexRayError(
                 f"the clean and corrupt prompts both predict {model.token_str(target_id)!r}",
-                hint="pass --target and --contrast, e.g. --target ' Mary' --contrast ' John'",
+                hint="give a target and a contrast, e.g. ' Mary' and ' John'",
             )
     corrupt_acts = grads = None
     if method != "exact":  # attribution's forward pass on the corrupt prompt also gives its logits
         corrupt_logits, corrupt_acts, grads = metric_gradients(model, corrupt_ids, hooks, target=target_id, contrast=contrast_id)
     if contrast_id == target_id:
-        raise HexRayError("--target and --contrast are the same token", hint="the metric is logit(target) - logit(contrast)")
+        raise HexRayError("target and contrast are the same token", hint="the metric is logit(target) - logit(contrast)")
 
     def diff(logits: torch.Tensor) -> float:
         return float(logits[-1, target_id] - logits[-1, contrast_id])
@@ -246,7 +225,7 @@ def activation_patching(
     if abs(span) < 1e-6:
         raise HexRayError(
             f"the clean and corrupt prompts give the same logit difference ({clean_value:.4f}); there is nothing to restore",
-            hint="choose prompts (or --target/--contrast) where the behaviour differs",
+            hint="choose prompts (or a target and contrast) where the behaviour differs",
         )
     n = len(corrupt_ids)
     positions = [n - 1] if last_position_only else list(range(n))
@@ -297,13 +276,9 @@ def activation_patching(
     )
 
 
-def _tokens(model: LoadedModel, prompt: str, flag: str, prepend_bos: bool | None) -> list[int]:
-    """Token ids of one of the two prompts; errors name the flag they came from."""
-    try:
-        return tokenize_prompt(model, prompt, prepend_bos=prepend_bos)[0]
-    except HexRayError as exc:
-        hint = exc.hint.replace("--prompt", flag) if exc.hint else None
-        raise HexRayError(f"{flag}: {exc.message}", hint=hint) from None
+def _tokens(model: LoadedModel, prompt: str, field: str, prepend_bos: bool | None) -> list[int]:
+    """Token ids of one of the two prompts; errors name the field they came from."""
+    return tokenize_prompt(model, prompt, prepend_bos=prepend_bos, field_name=field)[0]
 
 
 def _correlations(results: Sequence[PatchScore], chosen: Sequence[str]) -> dict[str, float | None]:

@@ -12,6 +12,7 @@ from hexray.tracing.sites import Component
 
 Sweep = Literal["heads", "heads-pos", "resid", "attn", "mlp", "neurons"]
 SWEEPS: tuple[str, ...] = ("heads", "heads-pos", "resid", "attn", "mlp", "neurons")
+SWEEP_KINDS: dict[str, str] = {"heads": "head", "heads-pos": "head", "resid": "resid", "attn": "attn", "mlp": "mlp", "neurons": "neuron"}
 Method = Literal["exact", "attribution", "both"]
 METHODS: tuple[str, ...] = ("exact", "attribution", "both")
 AblationMode = Literal["zero", "mean", "resample"]

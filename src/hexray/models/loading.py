@@ -76,13 +76,13 @@ def resolve_device(device: str | None) -> str:
         return want
     if want == "cuda" or (want.startswith("cuda:") and want[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise HexRayError(f"device {want} is not available: this PyTorch build sees no CUDA GPU", hint="use --device cpu (or auto)")
+            raise HexRayError(f"device {want} is not available: this PyTorch build sees no CUDA GPU", hint="use device cpu (or auto)")
         if ":" in want and int(want[5:]) >= torch.cuda.device_count():
             raise HexRayError(f"device {want} is out of range", hint=f"this machine has cuda:0..cuda:{torch.cuda.device_count() - 1}")
         return want
     if want == "mps":
         if not torch.backends.mps.is_available():
-            raise HexRayError("device mps is not available on this machine", hint="use --device cpu (or auto)")
+            raise HexRayError("device mps is not available on this machine", hint="use device cpu (or auto)")
         return want
     raise HexRayError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N, mps or auto")
 
@@ -186,14 +186,14 @@ class LoadedModel:
         if len(ids) == 1:
             return int(ids[0])
         if not ids:
-            raise HexRayError(f"--{role} is empty", hint="give a single token such as ' Mary'")
+            raise HexRayError("{field} is empty", hint="give a single token such as ' Mary'", field=role)
         pieces = ", ".join(repr(self.token_str(i)) for i in ids)
         hint = "give exactly one token"
         if not text.startswith(" "):
             spaced = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
             if len(spaced) == 1:
                 hint = f"did you mean {' ' + text!r}? (with the leading space)"
-        raise HexRayError(f"--{role} {text!r} is {len(ids)} tokens, not one: {pieces}", hint=hint)
+        raise HexRayError(f"{{field}} {text!r} is {len(ids)} tokens, not one: {pieces}", hint=hint, field=role)
 
     # -- weights (read through the bridge so every architecture looks the same) -------------
     # Analyses compute in float32 whatever the model's dtype (half-precision runs accumulate in
@@ -244,6 +244,28 @@ class LoadedModel:
             (self._norm_weights(blk.ln1_post.original_component)[0], self._norm_weights(blk.ln2_post.original_component)[0])
             for blk in self.bridge.blocks
         )
+
+    def apply_final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        """``resid`` [..., d_model] through the model's own final norm (every norm variant as the model applies it)."""
+        with torch.inference_mode():
+            return self.bridge.ln_final.original_component(resid)
+
+    def block_weight(self, layer: int, module: Literal["attn", "mlp"], weight: str) -> torch.Tensor | None:
+        """A block's weight as the bridge exposes it (``W_Q`` [n_heads, d_model, d_head], ``W_in`` ...), or None."""
+        block = self.bridge.blocks[layer]
+        return getattr(block.attn if module == "attn" else block.mlp, weight, None)
+
+    def eos_ids(self) -> set[int]:
+        """Every token id that ends generation: the tokenizer's EOS and the generation config's."""
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        extra = getattr(getattr(self.bridge.original_model, "generation_config", None), "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra:
+            ids.update(int(i) for i in extra)
+        return ids
 
     def _norm_weights(self, module) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self._f32(module.weight)

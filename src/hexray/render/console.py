@@ -22,21 +22,32 @@ def tok(text: str) -> str:
 
 
 def render_report(report: Report, console: Console) -> None:
-    a = report.attribution
+    """The header, then every computed analysis's console view, in registry order."""
     console.print(header(report))
-    if report.residual is not None:
-        console.print(residual_table(report.residual, a.position))
-    if report.logit_lens is not None:
-        console.print(lens_table(report.logit_lens))
-    if report.steps is not None:
-        console.print(steps_bars(report.steps, report.options.top_k))
-    console.print(attribution_table(a, report.options.top_k))
-    if report.head_attribution is not None and report.head_attribution is not a:
-        console.print(attribution_table(report.head_attribution, report.options.top_k, title="Top heads and MLP layers"))
-    for view in report.weights:
-        console.print(weights_table(view))
-    if report.arithmetic is not None:
-        console.print(arithmetic_summary(report.arithmetic))
+    ctx = report.context
+    for analysis, result in report.computed():
+        if analysis.console is not None:
+            shown = analysis.console(result, ctx)
+        elif analysis.table is not None:
+            shown = view_table(analysis.table(result, ctx))
+        else:
+            shown = None
+        if shown is not None:
+            console.print(shown)
+
+
+def view_table(v) -> Table:
+    """A registry View as a rich table."""
+    table = Table(title=escape(v.title), caption=escape(v.note) or None, title_justify="left")
+    for i, column in enumerate(v.columns):
+        table.add_column(escape(column), justify="left" if i == 0 else "right")
+    for row in v.rows:
+        table.add_row(*(f"{x:.3f}" if isinstance(x, float) else escape(str(x)) for x in row))
+    return table
+
+
+def weights_tables(views) -> Group:
+    return Group(*(weights_table(w) for w in views))
 
 
 def header(report: Report) -> Group:

@@ -40,23 +40,11 @@ def check_writable(folder: str | Path, flag: str = "--report") -> Path:
 
 
 def figures(report: Report) -> dict[str, bytes]:
-    """Every figure the report's analyses call for, by file name."""
-    spec, a = report.spec, report.attribution
-    out = {"layer_attribution.png": plots.layer_bars(a, spec)}
-    heads = report.head_attribution or (a if a.granularity != "layer" else None)
-    if heads is not None:
-        out["head_attribution.png"] = plots.head_heatmap(heads, spec)
-    if report.logit_lens is not None:
-        out["logit_lens.png"] = plots.lens_heatmap(report.logit_lens)
-    if report.residual is not None:
-        out["residual_stream.png"] = plots.residual_chart(report.residual, a.position)
-    if report.steps is not None:
-        out["cot_steps.png"] = plots.steps_chart(report.steps, report.options.top_k)
-    for view in report.weights:
-        out[f"weights_{view.spec.replace('.', '_')}.png"] = plots.weight_heatmap(view)
-    if report.arithmetic is not None:
-        out["arithmetic_graph.png"] = plots.arithmetic_chart(report.arithmetic, "png")
-        out["arithmetic_graph.svg"] = plots.arithmetic_chart(report.arithmetic, "svg")
+    """Every figure the report's analyses call for, by file name (registry order)."""
+    ctx, out = report.context, {}
+    for analysis, result in report.computed():
+        if analysis.figures is not None:
+            out.update(analysis.figures(result, ctx))
     return out
 
 

@@ -47,9 +47,8 @@ def _attribution_table(a: Attribution, k: int) -> str:
 
 
 def report_html(report: Report, figures: dict[str, bytes]) -> str:
-    """The report page for ``report``; ``figures`` maps file names to PNG bytes."""
+    """The report page for ``report``; ``figures`` maps file names to PNG bytes (drawn after the attribution)."""
     a = report.attribution
-    k = report.options.top_k
     strip = " ".join(
         f'<span title="position {i}"{_HIGHLIGHT if i == a.position else ""}>{_tok(t)}</span>' for i, t in enumerate(a.tokens)
     )
@@ -59,28 +58,50 @@ def report_html(report: Report, figures: dict[str, bytes]) -> str:
         f"<p><b>Prompt</b> {escape(a.prompt)}</p><p><b>Tokens</b> {strip}</p>",
         f"<p><b>Position {a.position}</b> predicts {_tok(a.target.token)} with p={a.target.prob:.3f}; "
         f"explaining {explained} = {a.value:+.4f} at {escape(a.granularity)} granularity.</p>",
-        "<h2>Direct logit attribution</h2>",
-        _attribution_table(a, k),
     ]
-    for name, png in figures.items():
-        if name.endswith(".png"):
-            parts.append(f"<h2>{escape(name.removesuffix('.png').replace('_', ' '))}</h2>{_img(png, name)}")
-    if report.logit_lens is not None:
-        rows = "".join(
-            f"<tr><td>{escape(r.label)}</td><td style='text-align:left'>{' '.join(_tok(t.token) + f' {t.prob:.2f}' for t in r.top)}</td>"
-            f"<td>{r.target_rank}</td><td>{r.target_prob:.3f}</td></tr>"
-            for r in report.logit_lens.rows
-        )
-        parts.append(f"<h2>Logit lens table</h2><table><tr><th>after</th><th>top tokens</th><th>target rank</th><th>target p</th></tr>{rows}</table>")
-    if report.steps is not None:
-        parts.append(f"<h2>Reasoning steps (split by {escape(report.steps.rule)})</h2>")
-        for st in report.steps.steps:
-            parts.append(f"<h3>Step {st.index}: {escape(st.text)}</h3>{_attribution_table(st.attribution, k)}")
-    for view in report.weights:
+    ctx, later = report.context, []
+    for analysis, result in report.computed():
+        section = analysis.html(result, ctx) if analysis.html is not None else view_section(analysis.table(result, ctx)) if analysis.table is not None else ""
+        (parts if analysis.switch is None else later).append(section)
+    parts += [f"<h2>{escape(name.removesuffix('.png').replace('_', ' '))}</h2>{_img(png, name)}" for name, png in figures.items() if name.endswith(".png")]
+    body = "\n".join(parts + later)
+    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HexRay &mdash; {escape(a.prompt[:60])}</title><style>{_STYLE}</style></head><body>{body}</body></html>'
+
+
+def attribution_section(a: Attribution, k: int) -> str:
+    return f"<h2>Direct logit attribution</h2>{_attribution_table(a, k)}"
+
+
+def lens_section(lens) -> str:
+    rows = "".join(
+        f"<tr><td>{escape(r.label)}</td><td style='text-align:left'>{' '.join(_tok(t.token) + f' {t.prob:.2f}' for t in r.top)}</td>"
+        f"<td>{r.target_rank}</td><td>{r.target_prob:.3f}</td></tr>"
+        for r in lens.rows
+    )
+    return f"<h2>Logit lens table</h2><table><tr><th>after</th><th>top tokens</th><th>target rank</th><th>target p</th></tr>{rows}</table>"
+
+
+def steps_section(steps, k: int) -> str:
+    parts = [f"<h2>Reasoning steps (split by {escape(steps.rule)})</h2>"]
+    for st in steps.steps:
+        parts.append(f"<h3>Step {st.index}: {escape(st.text)}</h3>{_attribution_table(st.attribution, k)}")
+    return "".join(parts)
+
+
+def weights_section(views) -> str:
+    parts = []
+    for view in views:
         rows = "".join(f"<tr><td>{i}</td><td>{n:.4f}</td></tr>" for i, n in enumerate(view.norms))
         parts.append(f"<h2>{escape(view.spec)} norms</h2><table><tr><th>head</th><th>Frobenius norm</th></tr>{rows}</table>")
-    body = "\n".join(parts)
-    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HexRay &mdash; {escape(a.prompt[:60])}</title><style>{_STYLE}</style></head><body>{body}</body></html>'
+    return "".join(parts)
+
+
+def view_section(v) -> str:
+    """A registry View as an HTML table."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in v.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{x:.3f}</td>" if isinstance(x, float) else f"<td>{escape(str(x))}</td>" for x in row) + "</tr>" for row in v.rows)
+    note = f"<p>{escape(v.note)}</p>" if v.note else ""
+    return f"<h2>{escape(v.title)}</h2><table><tr>{head}</tr>{rows}</table>{note}"
 
 
 # -- causal tools -------------------------------------------------------------------------------

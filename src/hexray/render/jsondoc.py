@@ -103,27 +103,23 @@ def arithmetic_doc(g: ArithmeticGraph) -> dict:
 
 
 def report_document(report: Report) -> dict:
-    """The whole ``hexray --prompt ... --json`` document."""
-    spec = report.spec
-    doc = attribution_doc(report.attribution)
-    doc["model_info"] = model_info(spec)
-    attn, mlp = report.attribution.layer_totals(spec.n_layers)
-    doc["layer_totals"] = {"attn": _arr(attn), "mlp": _arr(mlp)}  # per layer, at any granularity
-    if report.head_attribution is not None:
-        doc["head_scores"] = _arr(report.head_attribution.head_matrix(spec.n_layers, spec.n_heads))
-    if report.logit_lens is not None:
-        doc["logit_lens"] = lens_doc(report.logit_lens)
-    if report.residual is not None:
-        doc["residual"] = residual_doc(report.residual)
-    if report.steps is not None:
-        doc["cot"] = steps_doc(report.steps, report.options.top_k)
-    if report.weights:
-        doc["weights"] = [weight_doc(w) for w in report.weights]
-    if report.arithmetic is not None:
-        doc["arithmetic"] = arithmetic_doc(report.arithmetic)
-    if report.predictions is not None:
-        doc["predictions"] = [[token_doc(t) for t in row] for row in report.predictions]
+    """The whole ``hexray trace --json`` document: each computed analysis's section (registry order)."""
+    ctx, doc = report.context, {}
+    for analysis, result in report.computed():
+        part = analysis.document(result, ctx)
+        if analysis.json_key is None:
+            doc.update(part)
+        else:
+            doc[analysis.json_key] = part
+        if analysis.table is not None and analysis.lab_panel == "analyses-panel":
+            doc.setdefault("views", {})[analysis.name] = view_doc(analysis.table(result, ctx))
     return doc
+
+
+def view_doc(v) -> dict:
+    """A registry :class:`~hexray.analysis.registry.View` as JSON (what the lab's generic panel draws)."""
+    cell = lambda x: _num(x) if isinstance(x, float) else x  # noqa: E731
+    return {"title": v.title, "columns": list(v.columns), "rows": [[cell(x) for x in row] for row in v.rows], "note": v.note}
 
 
 def analysis_layer_docs(report: Report) -> list[dict]:

@@ -7,9 +7,9 @@ WebSocket or the time limit ends it there. A user's mistake answers 422 with
 ``{"ok": false, "error", "hint"}``; a request over the time limit answers 504.
 """
 
-from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -26,9 +26,7 @@ from pydantic import BaseModel
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.render import jsondoc
-from hexray.server.schemas import (
-    AblateRequest, AnalyzeRequest, AttentionRequest, GenerateRequest, HeadsRequest, PatchRequest,
-)
+from hexray.server import schemas
 
 STATIC = resources.files("hexray.server") / "static"
 log = logging.getLogger("hexray.server")
@@ -62,6 +60,8 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     patching batch stays in memory); ``time_limit`` bounds each request's seconds.
     """
     # no /docs or /redoc: their pages load scripts from a CDN, and the lab runs offline
+    AnalyzeRequest, AttentionRequest, PatchRequest = schemas.AnalyzeRequest, schemas.AttentionRequest, schemas.PatchRequest
+    AblateRequest, HeadsRequest, GenerateRequest = schemas.AblateRequest, schemas.HeadsRequest, schemas.GenerateRequest
     app = FastAPI(title="HexRay", version="0.1.0", description="A debugger for transformer language models.", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # the model serves one job at a time
     waiting = [0]  # jobs queued behind the lock (read by /api/health)
@@ -111,7 +111,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         except WebSocketDisconnect:
             return
         except HexRayError as exc:
-            await _send_last(ws, {"type": "error", **exc.to_dict()})
+            await _send_last(ws, {"type": "error", **_error_doc(exc)})
             return
         except ValueError as exc:  # pydantic's ValidationError
             await _send_last(ws, {"type": "error", "ok": False, "error": _first_error(exc), "hint": None, "status": 422})
@@ -127,7 +127,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             except Cancelled:
                 pass
             except HexRayError as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **exc.to_dict()})
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **_error_doc(exc)})
             except Exception as exc:  # a HexRay bug: say so now, not at the time limit
                 log.exception("websocket job failed")
                 loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "hint": None, "status": 500})
@@ -167,7 +167,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
     @app.exception_handler(HexRayError)
     async def hexray_error(_: Request, exc: HexRayError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+        return JSONResponse(_error_doc(exc), status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -202,6 +202,30 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             model, req.prompt, req.layer, req.head, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
         )))
 
+    @app.get("/api/analyses")
+    async def registered_analyses() -> dict:
+        """The registry: every analysis /api/analyze can run, its request fields and the lab panel that draws it."""
+        from hexray.analysis.registry import analyses
+
+        return {"analyses": [
+            {"name": a.name, "title": a.title, "json_key": a.json_key, "lab_panel": a.lab_panel,
+             "switch": a.switch.request_field if a.switch else None,
+             "options": [_option_doc(o) for o in a.all_options if o.api]}
+            for a in analyses()
+        ]}
+
+    @app.get("/api/options")
+    async def option_defaults() -> dict:
+        """Each request's fields with their defaults and help (what the lab's forms start from)."""
+        from hexray.analysis.heads import HEADS_OPTIONS
+        from hexray.analysis.report import trace_options
+        from hexray.generation.tracer import GENERATION_OPTIONS
+        from hexray.intervene.ablation import ABLATE_OPTIONS
+        from hexray.intervene.patching import PATCH_OPTIONS
+
+        groups = {"analyze": trace_options(), "patch": PATCH_OPTIONS, "ablate": ABLATE_OPTIONS, "heads": HEADS_OPTIONS, "generate": GENERATION_OPTIONS}
+        return {name: [_option_doc(o) for o in group if o.api] for name, group in groups.items()}
+
     @app.post("/api/patch")
     async def patch(req: PatchRequest) -> dict:
         return await on_model(req, lambda job: _patching(model, req, job))
@@ -210,18 +234,21 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     async def ablate(req: AblateRequest) -> dict:
         from hexray.intervene.ablation import ablate as run_ablation
 
+        from hexray.intervene.ablation import AblateOptions
+
+        options = _from_request(AblateOptions, req)
         return await on_model(req, lambda job: jsondoc.ablation_document(run_ablation(
-            model, req.prompt, req.components, mode=req.mode, reference=req.reference, samples=req.samples,
-            seed=req.seed, target=req.target, contrast=req.contrast, token_index=req.token_index, k=req.top_k,
+            model, req.prompt, req.components, reference=req.reference, k=options.top_k,
+            **{k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"},
         ), model.spec))
 
     @app.post("/api/heads")
     async def heads(req: HeadsRequest) -> dict:
-        from hexray.analysis.heads import classify_heads
+        from hexray.analysis.heads import HeadsOptions, classify_heads
 
-        return await on_model(req, lambda job: jsondoc.heads_document(classify_heads(
-            model, req.prompt, threshold=req.threshold, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
-        ), model.spec))
+        options = _from_request(HeadsOptions, req)
+        kwargs = {k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"}
+        return await on_model(req, lambda job: jsondoc.heads_document(classify_heads(model, req.prompt, **kwargs), model.spec))
 
     @app.post("/api/generate")
     async def generate(req: GenerateRequest) -> dict:
@@ -272,7 +299,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
 
 _ENDPOINTS = [
-    ("/api/health", "GET"), ("/api/analyze", "POST"), ("/api/attention", "POST"), ("/api/patch", "POST"),
+    ("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/analyze", "POST"), ("/api/attention", "POST"), ("/api/patch", "POST"),
     ("/api/ablate", "POST"), ("/api/heads", "POST"), ("/api/generate", "POST"),
     ("/ws/analyze", "WEBSOCKET"), ("/ws/patch", "WEBSOCKET"), ("/ws/generate", "WEBSOCKET"),
 ]
@@ -296,34 +323,47 @@ async def _send_last(ws: WebSocket, message: dict) -> None:
         pass
 
 
-def _analysis(model: LoadedModel, req: AnalyzeRequest):
+def _error_doc(exc: HexRayError) -> dict:
+    """The error as the API spells it: a field by its request name (``sweep``, not ``sweeps``)."""
+    from hexray.options import request_names
+
+    names = request_names()
+    return exc.to_dict(lambda field: names.get(field, field))
+
+
+def _option_doc(o) -> dict:
+    default = o.request_default
+    return {"name": o.request_field, "default": list(default) if isinstance(default, tuple) else default, "help": o.help,
+            "choices": list(o.choices) if o.choices else None}
+
+
+def _from_request(cls, req: BaseModel, **overrides):
+    """A capability's options from an API request (its field names), validated: errors name the field."""
+    from hexray.options import values
+
+    options = cls(**{**values(cls.OPTIONS, req, api=True), **overrides})
+    options.validate()
+    return options
+
+
+def _analysis(model: LoadedModel, req: BaseModel):
     from hexray.analysis.report import AnalysisOptions, analyze
 
-    options = AnalysisOptions(
-        target=req.target, contrast=req.contrast, token_index=req.token_index, granularity=req.granularity,
-        top_k=req.top_k, logit_lens=req.logit_lens, lens_k=req.lens_k, residual=req.residual, logit_debug=req.head_scores,
-        predictions_k=req.predictions_k, lens_window=req.lens_window,
-    )
-    return analyze(model, req.prompt, options)
+    return analyze(model, req.prompt, _from_request(AnalysisOptions, req))
 
 
-def _patching(model: LoadedModel, req: PatchRequest, job: Job) -> dict:
-    from hexray.intervene.patching import activation_patching
+def _patching(model: LoadedModel, req: BaseModel, job: Job) -> dict:
+    from hexray.intervene.patching import PatchOptions, activation_patching
 
+    options = _from_request(PatchOptions, req)
     result = activation_patching(
-        model, req.clean, req.corrupt, target=req.target, contrast=req.contrast, sweeps=req.sweep,
-        method=req.method, last_position_only=req.last_position, batch_size=req.batch_size,
+        model, req.clean, req.corrupt, **{k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"},
         progress=lambda done, total: job.emit({"type": "progress", "done": done, "total": total}),
     )
     return jsondoc.patch_document(result, model.spec)
 
 
-def _generation(model: LoadedModel, req: GenerateRequest):
+def _generation(model: LoadedModel, req: BaseModel):
     from hexray.generation.tracer import GenerationOptions, TracedGeneration
 
-    options = GenerationOptions(
-        max_new_tokens=req.max_new_tokens, temperature=req.temperature, seed=req.seed, chat=req.chat, text=req.text,
-        granularity=req.granularity, top_k=req.top_k, watch=tuple(p.strip() for p in (req.watch or "").split(",") if p.strip()),
-        watch_threshold=req.watch_threshold,
-    )
-    return TracedGeneration(model, req.prompt, options)
+    return TracedGeneration(model, req.prompt, _from_request(GenerationOptions, req))

@@ -1,82 +1,86 @@
-"""Typed requests of the HexRay API; the answers are the CLI's ``--json`` documents (render/jsondoc.py)."""
+"""Typed requests of the HexRay API, derived from each capability's options (``hexray.options``).
+
+The answers are the CLI's ``--json`` documents (render/jsondoc.py). A field's default and bounds
+come from the same :class:`~hexray.options.Option` as the CLI flag's, so the two cannot drift.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from hexray.options import Option, base_type, is_optional
 
 MAX_PROMPT_CHARS = 20_000
+MAX_PROMPTS = 256  # rows of a dataset-level request
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
 
 
-class AnalyzeRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    granularity: Literal["layer", "head", "neuron"] = "head"
-    target: str | None = None
-    contrast: str | None = None
-    token_index: int = -1
-    top_k: int = Field(10, ge=1, le=1000)
-    logit_lens: bool = True
-    lens_k: int = Field(5, ge=1, le=50)
-    residual: bool = True
-    lens_window: int = Field(0, ge=0, le=4096)  # > 0: the residual lens only at this many positions up to token_index
-    head_scores: bool = True  # the layers x heads map at any granularity (the CLI's --logit-debug)
-    predictions_k: int = Field(0, ge=0, le=50)  # > 0: top next tokens at every position (the token strip)
+def _field(o: Option) -> tuple[Any, Any]:
+    """A pydantic field for ``o``: its type (choices as a Literal), its API default and its bounds."""
+    tp = base_type(o.type)
+    if o.type == tuple[str, ...]:
+        tp = list[str] | str  # a list, or one comma-separated string
+    elif o.choices is not None:
+        tp = Literal[o.choices]  # type: ignore[valid-type]
+    if is_optional(o.type) or o.type == tuple[str, ...]:
+        tp = tp | None
+    default = o.request_default
+    if isinstance(default, tuple):
+        default = list(default)
+    le = min(x for x in (o.le, o.api_le) if x is not None) if o.le is not None or o.api_le is not None else None
+    return tp, Field(default, gt=o.gt, ge=o.ge, le=le, description=o.help)
 
 
-class AttentionRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    layer: int = Field(ge=0)
-    head: int = Field(ge=0)
-    seq_len: int = Field(25, ge=2, le=512)
-    sequences: int = Field(4, ge=1, le=32)
-    seed: int = 0
+def request_model(name: str, options: tuple[Option, ...], **fixed: tuple[Any, Any]) -> type[BaseModel]:
+    """A request model with ``fixed`` fields (the prompts) and one field per API option."""
+    fields = {**fixed, **{o.request_field: _field(o) for o in options if o.api}}
+    return create_model(name, __base__=_Request, **fields)
 
 
-class PatchRequest(_Request):
-    clean: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    corrupt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    target: str | None = None
-    contrast: str | None = None
-    sweep: str | None = None  # "heads,resid", "all", ...
-    method: Literal["exact", "attribution", "both"] = "exact"
-    last_position: bool = False
-    batch_size: int | None = Field(None, ge=1, le=4096)
+def _prompt(required: bool = True):
+    return (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)) if required else (str | None, Field(None, min_length=1, max_length=MAX_PROMPT_CHARS))
 
 
-class AblateRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    components: str = Field(min_length=1, max_length=2000)
-    mode: Literal["zero", "mean", "resample"] = "zero"
-    reference: list[str] | None = Field(None, max_length=256)
-    samples: int = Field(8, ge=1, le=64)
-    seed: int = 0
-    target: str | None = None
-    contrast: str | None = None
-    token_index: int = -1
-    top_k: int = Field(10, ge=1, le=1000)
+def _models() -> dict[str, type[BaseModel]]:
+    from hexray.analysis.heads import HEADS_OPTIONS
+    from hexray.analysis.report import trace_options
+    from hexray.generation.tracer import GENERATION_OPTIONS
+    from hexray.intervene.ablation import ABLATE_OPTIONS
+    from hexray.intervene.patching import PATCH_OPTIONS
+
+    induction = tuple(o for o in HEADS_OPTIONS if o.name in ("seq_len", "n_sequences", "seed"))
+    return {
+        "AnalyzeRequest": request_model("AnalyzeRequest", trace_options(), prompt=_prompt()),
+        "AnalyzeSetRequest": request_model("AnalyzeSetRequest", trace_options(), prompts=(list[str], Field(min_length=1, max_length=MAX_PROMPTS))),
+        "AttentionRequest": request_model("AttentionRequest", induction, prompt=_prompt(), layer=(int, Field(ge=0)), head=(int, Field(ge=0))),
+        "PatchRequest": request_model("PatchRequest", PATCH_OPTIONS, clean=_prompt(), corrupt=_prompt()),
+        "PatchSetRequest": request_model("PatchSetRequest", PATCH_OPTIONS, rows=(list[dict[str, str]], Field(min_length=1, max_length=MAX_PROMPTS))),
+        "AblateRequest": request_model(
+            "AblateRequest", ABLATE_OPTIONS, prompt=_prompt(), components=(str, Field(min_length=1, max_length=2000)),
+            reference=(list[str] | None, Field(None, max_length=256)),
+        ),
+        "AblateSetRequest": request_model(
+            "AblateSetRequest", ABLATE_OPTIONS, prompts=(list[str], Field(min_length=1, max_length=MAX_PROMPTS)),
+            components=(str, Field(min_length=1, max_length=2000)), reference=(list[str] | None, Field(None, max_length=256)),
+        ),
+        "HeadsRequest": request_model("HeadsRequest", HEADS_OPTIONS, prompt=_prompt(required=False)),
+        "GenerateRequest": request_model("GenerateRequest", GENERATION_OPTIONS, prompt=_prompt()),
+    }
 
 
-class HeadsRequest(_Request):
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
-    threshold: float = Field(0.4, ge=0, le=1)
-    seq_len: int = Field(25, ge=2, le=512)
-    sequences: int = Field(4, ge=1, le=32)
-    seed: int = 0
+_MODELS: dict[str, type[BaseModel]] = {}
 
 
-class GenerateRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_new_tokens: int = Field(32, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0)
-    seed: int | None = None
-    chat: bool = False
-    text: str | None = None
-    granularity: Literal["layer", "head", "neuron"] = "head"
-    top_k: int = Field(3, ge=1, le=100)
-    watch: str | None = None
-    watch_threshold: float | None = None
+def __getattr__(name: str) -> type[BaseModel]:
+    """The request models, built on first use (building them imports every capability's options)."""
+    if not _MODELS:
+        _MODELS.update(_models())
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise AttributeError(name) from None

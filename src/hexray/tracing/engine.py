@@ -1,9 +1,19 @@
-"""The tracing engine: one filtered forward pass that captures exactly the hooks analyses need."""
+"""The tracing engine: every forward pass HexRay makes goes through this module or :mod:`.edits`.
+
+- :func:`run_trace` — one prompt, caching exactly the hooks the analyses need;
+- :func:`capture` / :func:`trace_prompts` — a batch of prompts (right-padded: attention is causal,
+  so padding never reaches a real token), chunked to a memory budget, streamed chunk by chunk,
+  optionally stopping after the last layer an analysis reads;
+- :func:`run_with_gradients` — one forward and one backward pass to a scalar metric;
+- :class:`IncrementalRun` — KV-cached steps over one growing sequence (generation).
+
+Runs with edits (patch, ablate, steer) are in :mod:`hexray.tracing.edits`.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +21,9 @@ import torch
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
+from hexray.tracing.sites import Hook, parse_hook
+
+DEFAULT_MEMORY_BUDGET = 1.5e9  # bytes of activations per chunk of a batch
 
 
 @dataclass(frozen=True)
@@ -22,7 +35,7 @@ class Trace:
     token_ids: tuple[int, ...]
     tokens: tuple[str, ...]
     offsets: tuple[tuple[int, int], ...]  # each token's character span in ``prompt``
-    logits: torch.Tensor  # [pos, d_vocab]
+    logits: torch.Tensor | None  # [pos, d_vocab]; None when the run stopped before the unembedding
     acts: Mapping[str, torch.Tensor] = field(repr=False)  # hook name -> [pos, ...] (patterns: [head, q, k])
 
     @property
@@ -30,19 +43,24 @@ class Trace:
         return len(self.token_ids)
 
 
-def tokenize_prompt(model: LoadedModel, prompt: str, *, prepend_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_prompt(model: LoadedModel, prompt: str, *, prepend_bos: bool | None = None, field_name: str = "prompt") -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids (and character spans) for ``prompt``, with the user-facing checks."""
     if not prompt or not prompt.strip():
-        raise HexRayError("the prompt is empty", hint="pass --prompt with some text")
+        raise HexRayError("{field}: the prompt is empty", hint="give {field} some text", field=field_name)
     ids, offsets = model.encode_with_offsets(prompt, prepend_bos=prepend_bos)
     if not ids:
-        raise HexRayError("the prompt produced no tokens", hint="pass --prompt with some text")
+        raise HexRayError("{field}: the prompt produced no tokens", hint="give {field} some text", field=field_name)
     if len(ids) > model.spec.n_ctx:
         raise HexRayError(
-            f"the prompt is {len(ids)} tokens, longer than {model.name}'s context of {model.spec.n_ctx}",
-            hint="shorten the prompt",
+            f"{{field}}: the prompt is {len(ids)} tokens, longer than {model.name}'s context of {model.spec.n_ctx}", hint="shorten it", field=field_name,
         )
     return ids, offsets
+
+
+def _check_hooks(model: LoadedModel, wanted: set[str]) -> None:
+    unknown = wanted - set(model.bridge.hook_dict)
+    if unknown:
+        raise ValueError(f"hooks not in this model: {sorted(str(h) for h in unknown)[:5]}")  # a HexRay bug, not user input
 
 
 def run_trace(
@@ -54,32 +72,131 @@ def run_trace(
 ) -> Trace:
     """Run ``prompt`` through the model once, caching only ``hooks`` (plus the final-norm scale)."""
     ids, offsets = tokenize_prompt(model, prompt, prepend_bos=prepend_bos)
-    wanted = set(hooks) | {sites.FINAL_SCALE}
-    unknown = wanted - set(model.bridge.hook_dict)
-    if unknown:
-        raise ValueError(f"hooks not in this model: {sorted(unknown)[:5]}")  # a HexRay bug, not user input
-    tokens = torch.tensor([ids], device=model.device)
-    with torch.inference_mode():
-        logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-    acts = {name: cache[name][0].detach().float() for name in wanted if name in cache}  # float32 on the model's device
+    wanted = {parse_hook(h) for h in hooks} | {sites.FINAL_SCALE}
+    _check_hooks(model, wanted)
+    logits, acts = capture(model, [ids], wanted)
     return Trace(
-        model_name=model.name,
-        prompt=prompt,
-        token_ids=tuple(ids),
-        tokens=tuple(model.token_strs(ids)),
-        offsets=tuple(offsets),
-        logits=logits[0].detach().float(),
-        acts=acts,
+        model_name=model.name, prompt=prompt, token_ids=tuple(ids), tokens=tuple(model.token_strs(ids)),
+        offsets=tuple(offsets), logits=logits[0], acts=acts[0],
     )
 
 
-def resolve_position(index: int, n_tokens: int) -> int:
-    """An absolute position from a possibly negative ``--token-index``."""
+def capture(
+    model: LoadedModel,
+    batch: Sequence[Sequence[int]],
+    hooks: Iterable[str],
+    *,
+    stop_after_layer: int | None = None,
+) -> tuple[list[torch.Tensor] | None, list[dict[Hook, torch.Tensor]]]:
+    """One forward pass over token-id rows of any lengths: per row, logits [pos, d_vocab] and ``hooks`` [pos, ...].
+
+    Rows are right-padded with their last token and trimmed back, so each row's activations are
+    what it alone would give. ``stop_after_layer``: stop after that block (no logits, None).
+    """
+    wanted = {parse_hook(h) for h in hooks}
+    lengths = [len(r) for r in batch]
+    width = max(lengths)
+    tokens = torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in batch], device=model.device)
+    stop = stop_after_layer + 1 if stop_after_layer is not None and stop_after_layer + 1 < model.spec.n_layers else None
+    with torch.inference_mode():
+        out, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name in wanted, stop_at_layer=stop)
+    acts = []
+    for row, n in enumerate(lengths):
+        acts.append({h: _trim(h, cache[h][row], n).float() for h in wanted if h in cache})  # float32 on the model's device
+    logits = None if stop is not None else [out[row, :n].float() for row, n in enumerate(lengths)]
+    return logits, acts
+
+
+def _trim(hook: Hook, act: torch.Tensor, n: int) -> torch.Tensor:
+    """One row's activation without the padding: patterns [head, q, k] on both axes, the rest on positions."""
+    return act[:, :n, :n] if hook.point == "pattern" else act[:n]
+
+
+def rows_per_chunk(model: LoadedModel, n_tokens: int, hooks: Iterable[str] = (), budget: float = DEFAULT_MEMORY_BUDGET) -> int:
+    """How many rows of ``n_tokens`` fit ``budget`` bytes: the forward's transient activations plus the cached ``hooks``."""
+    s = model.spec
+    per_token = 4 * (8 * s.d_model + 4 * s.d_mlp + 3 * s.n_heads * n_tokens + 4 * s.n_heads * s.d_head)
+    widths = {"z": s.n_heads * s.d_head, "v": s.n_kv_heads * s.d_head, "pattern": s.n_heads * n_tokens, "mlp_post": s.d_mlp}
+    cached = sum(4 * widths.get(parse_hook(h).point, s.d_model) for h in hooks)
+    return int(max(1, min(1024, budget // ((per_token + cached) * n_tokens))))
+
+
+def trace_prompts(
+    model: LoadedModel,
+    prompts: Iterable[str],
+    hooks: Iterable[str],
+    *,
+    prepend_bos: bool | None = None,
+    batch_size: int | None = None,
+    stop_after_layer: int | None = None,
+    field_name: str = "prompts",
+) -> Iterator[Trace]:
+    """Stream :class:`Trace` s of many prompts, run in batches (default: what fits the memory budget).
+
+    Prompts are taken from ``prompts`` lazily, a chunk at a time, so a corpus never sits in memory.
+    With ``stop_after_layer`` the traces have no logits (and no final-norm scale).
+    """
+    wanted = {parse_hook(h) for h in hooks} | ({sites.FINAL_SCALE} if stop_after_layer is None else set())
+    _check_hooks(model, wanted)
+    pending: list[tuple[str, list[int], list[tuple[int, int]]]] = []
+    index = 0
+
+    def flush() -> Iterator[Trace]:
+        logits, acts = capture(model, [ids for _, ids, _ in pending], wanted, stop_after_layer=stop_after_layer)
+        for row, (prompt, ids, offsets) in enumerate(pending):
+            yield Trace(model.name, prompt, tuple(ids), tuple(model.token_strs(ids)), tuple(offsets), None if logits is None else logits[row], acts[row])
+        pending.clear()
+
+    for prompt in prompts:
+        ids, offsets = tokenize_prompt(model, prompt, prepend_bos=prepend_bos, field_name=f"{field_name}[{index}]")
+        index += 1
+        pending.append((prompt, ids, offsets))
+        longest = max(len(p[1]) for p in pending)
+        if len(pending) >= (batch_size or rows_per_chunk(model, longest, wanted)):
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def run_with_gradients(
+    model: LoadedModel, token_ids: Sequence[int], hooks: Iterable[str], metric: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, dict[Hook, torch.Tensor], dict[Hook, torch.Tensor]]:
+    """One forward and one backward pass of ``metric(logits [pos, d_vocab])`` (a scalar).
+
+    Returns (logits [pos, d_vocab], activations, d metric / d activation) at ``hooks``, without
+    the batch dimension. Gradients flow to the activations only, never to the weights.
+    """
+    wanted = sorted({parse_hook(h) for h in hooks})
+    acts: dict[Hook, torch.Tensor] = {}
+    first = sites.resid_pre(0)
+
+    def keeper(name: Hook):
+        def keep(x: torch.Tensor, hook) -> torch.Tensor:
+            if name == first:  # a leaf: everything downstream is differentiable in it
+                x = x.detach().requires_grad_(True)
+            acts[name] = x
+            return x  # returned, so the stored tensor is the one the model goes on with
+
+        return keep
+
+    with torch.enable_grad():
+        tokens = torch.tensor([list(token_ids)], device=model.device)
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})], use_cache=False)
+        grads = torch.autograd.grad(metric(logits[0]), [acts[n] for n in wanted])
+    return (
+        logits[0].detach().float(),
+        {n: acts[n][0].detach().float() for n in wanted},
+        {n: g[0].detach().float() for n, g in zip(wanted, grads)},
+    )
+
+
+def resolve_position(index: int, n_tokens: int, *, field_name: str = "token_index") -> int:
+    """An absolute position from a possibly negative index."""
     pos = index + n_tokens if index < 0 else index
     if not 0 <= pos < n_tokens:
         raise HexRayError(
-            f"--token-index {index} is out of range for a prompt of {n_tokens} tokens",
-            hint=f"use 0..{n_tokens - 1}, or -1..-{n_tokens} from the end",
+            f"{{field}} {index} is out of range for a prompt of {n_tokens} tokens",
+            hint=f"use 0..{n_tokens - 1}, or -1..-{n_tokens} from the end", field=field_name,
         )
     return pos
 
@@ -103,14 +220,26 @@ class IncrementalRun:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         self.n_tokens = 0
 
-    def step(self, tokens: torch.Tensor, fwd_hooks: list) -> torch.Tensor:
-        """Run ``tokens`` ([1, new]) after everything run before; the logits, [new, d_vocab]."""
+    def step(self, tokens: torch.Tensor, hooks: Iterable[str] = ()) -> tuple[torch.Tensor, dict[Hook, torch.Tensor]]:
+        """Run ``tokens`` ([1, new]) after everything run before: (logits [new, d_vocab], ``hooks`` [new, ...]).
+
+        Patterns come as [heads, new, keys] (keys: every token so far, or a sliding window's).
+        """
         new = tokens.shape[1]
+        store: dict[Hook, torch.Tensor] = {}
+
+        def keeper(name: Hook):
+            def keep(x: torch.Tensor, hook) -> None:
+                store[name] = x[0].detach().float()
+
+            return keep
+
         with torch.inference_mode():
             logits = self.model.bridge.run_with_hooks(
-                tokens.to(self.model.device), fwd_hooks=fwd_hooks, return_type="logits", use_cache=True, **{self._cache_kwarg: self.cache}
+                tokens.to(self.model.device), fwd_hooks=[(h, keeper(h)) for h in {parse_hook(h) for h in hooks}],
+                return_type="logits", use_cache=True, **{self._cache_kwarg: self.cache},
             )
         self.n_tokens += new
         if self.cache.get_seq_length() != self.n_tokens:  # a HexRay/library mismatch, never user input
             raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} tokens after {self.n_tokens} were run")
-        return logits[0]
+        return logits[0], store

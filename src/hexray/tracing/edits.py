@@ -1,7 +1,8 @@
-"""Many interventions on one prompt in one batched forward pass.
+"""The edit runner: many interventions on one prompt in one batched forward pass.
 
-A *variant* is a set of :class:`Edit` s: at a hook, replace the activation where ``mask`` is true
-with ``values``. :func:`run_variants` runs every variant of a prompt together:
+Patching, ablation, steering and (later) dictionary splices are all *edits*: values passed to this
+runner, never in-place changes to the model. A *variant* is a set of :class:`Edit` s: at a hook,
+replace the activation where ``mask`` is true with ``values`` (or add ``values`` there). :func:`run_variants` runs every variant of a prompt together:
 
 - The batch starts as a single row (the unedited prompt) and **grows at each layer where a variant's
   first edit is**: a variant that first edits layer L shares the computation of layers 0..L-1 with
@@ -13,23 +14,22 @@ with ``values``. :func:`run_variants` runs every variant of a prompt together:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
-
-DEFAULT_MEMORY_BUDGET = 1.5e9  # bytes of activations per chunk; --batch-size overrides
+from hexray.tracing.engine import DEFAULT_MEMORY_BUDGET, rows_per_chunk
+from hexray.tracing.sites import parse_hook
 
 
 @dataclass(frozen=True, eq=False)
 class Edit:
-    """Replace the activation at ``hook`` where ``mask`` holds: ``act = where(mask, values, act)``.
+    """Replace the activation at ``hook`` where ``mask`` holds: ``act = where(mask, values, act)``;
+    with ``op="add"`` (steering, adding a vector): ``act = act + where(mask, values, 0)``.
 
     ``mask`` and ``values`` are shaped like the activation without its batch dimension, or
     broadcast to it: e.g. ``[pos, n_heads, 1]`` for ``hook_z``, ``[pos, 1]`` for the residual stream.
@@ -38,33 +38,33 @@ class Edit:
     hook: str
     mask: torch.Tensor  # bool
     values: torch.Tensor
+    op: Literal["replace", "add"] = "replace"
 
     @property
     def layer(self) -> int:
-        m = _BLOCK_HOOK.match(self.hook)
-        if m is None:
+        layer = parse_hook(self.hook).layer
+        if layer is None:
             raise ValueError(f"edits must be at block hooks, got {self.hook}")  # a HexRay bug
-        return int(m.group(1))
+        return layer
 
 
 Variant = tuple[Edit, ...]
 
 
-def site_mask(kind: str, unit: int | None, position: int | None, shape: Sequence[int]) -> torch.Tensor:
-    """Where a head / neuron / whole-vector site lives in an activation of ``shape`` ([pos, ...]).
+def site_mask(unit: int | None, position: int | None, shape: Sequence[int]) -> torch.Tensor:
+    """Where a site lives in an activation of ``shape`` ([pos, units, ...] or [pos, width]).
 
-    Heads: [pos, n_heads, 1]; neurons: [pos, d_mlp]; anything else: [pos, 1]. ``position=None``: every position.
+    A unit (head, neuron, feature: ``Component.unit``) is an index on axis 1: heads give
+    [pos, n_heads, 1], neurons [pos, d_mlp]; a whole vector (``unit=None``) gives [pos, 1].
+    ``position=None``: every position.
     """
     rows = slice(None) if position is None else slice(position, position + 1)
-    if kind == "head":
-        mask = torch.zeros(shape[0], shape[1], 1, dtype=torch.bool)
-        mask[rows, unit] = True
-    elif kind == "neuron":
-        mask = torch.zeros(shape[0], shape[1], dtype=torch.bool)
-        mask[rows, unit] = True
-    else:
+    if unit is None:
         mask = torch.zeros(shape[0], 1, dtype=torch.bool)
         mask[rows] = True
+    else:
+        mask = torch.zeros(shape[0], shape[1], *([1] * (len(shape) - 2)), dtype=torch.bool)
+        mask[rows, unit] = True
     return mask
 
 
@@ -74,13 +74,6 @@ class _Done(Exception):
 
 def start_layer(variant: Variant) -> int:
     return min((e.layer for e in variant), default=0)
-
-
-def rows_per_chunk(model: LoadedModel, n_tokens: int) -> int:
-    """How many variants fit :data:`DEFAULT_MEMORY_BUDGET` for a prompt of ``n_tokens``."""
-    s = model.spec
-    per_token = 4 * (8 * s.d_model + 4 * s.d_mlp + 3 * s.n_heads * n_tokens + 4 * s.n_heads * s.d_head)
-    return int(max(1, min(1024, DEFAULT_MEMORY_BUDGET // (per_token * n_tokens))))
 
 
 def run_variants(
@@ -135,15 +128,22 @@ def _run_chunk(model: LoadedModel, tokens: torch.Tensor, chunk: list[Variant], r
     def apply_edits(x: torch.Tensor, hook: str, layer: int) -> torch.Tensor:
         present, offset = rows_before(layer)
         act_shape = x.shape[1:]
-        mask = torch.zeros((present, *act_shape), dtype=torch.bool, device=x.device)
-        shared = _shared_values(edits_at[hook])
-        values = None if shared is not None else torch.zeros((present, *act_shape), dtype=x.dtype, device=x.device)
+        replacing = [(row, e) for row, e in edits_at[hook] if e.op == "replace"]
+        new = x[offset:]
+        if replacing:
+            mask = torch.zeros((present, *act_shape), dtype=torch.bool, device=x.device)
+            shared = _shared_values(replacing)
+            values = None if shared is not None else torch.zeros((present, *act_shape), dtype=x.dtype, device=x.device)
+            for row, edit in replacing:
+                edit_mask = edit.mask.to(x.device).expand(act_shape)
+                mask[row] |= edit_mask
+                if values is not None:  # several edits in one row keep their own values
+                    values[row] = torch.where(edit_mask, edit.values.to(x.device, x.dtype).expand(act_shape), values[row])
+            new = torch.where(mask, shared.to(x.device, x.dtype) if shared is not None else values, new)
         for row, edit in edits_at[hook]:
-            edit_mask = edit.mask.to(x.device).expand(act_shape)
-            mask[row] |= edit_mask
-            if values is not None:  # several edits in one row keep their own values
-                values[row] = torch.where(edit_mask, edit.values.to(x.device, x.dtype).expand(act_shape), values[row])
-        new = torch.where(mask, shared.to(x.device, x.dtype) if shared is not None else values, x[offset:])
+            if edit.op == "add":  # after any replacement in the same row
+                added = torch.where(edit.mask.to(x.device).expand(act_shape), edit.values.to(x.device, x.dtype).expand(act_shape), 0)
+                new = torch.cat([new[:row], (new[row] + added)[None], new[row + 1 :]])
         return torch.cat([x[:offset], new]) if offset else new
 
     def make_hook(name: str, layer: int, grow: int, read: bool):
@@ -164,7 +164,7 @@ def _run_chunk(model: LoadedModel, tokens: torch.Tensor, chunk: list[Variant], r
     hook_names = set(edits_at) | {sites.resid_pre(layer) for layer in joins} | {final}
     fwd_hooks = []
     for hook in sorted(hook_names):
-        layer = int(_BLOCK_HOOK.match(hook).group(1))
+        layer = parse_hook(hook).layer
         grow = joins.get(layer, 0) if hook == sites.resid_pre(layer) else 0
         fwd_hooks.append((hook, make_hook(hook, layer, grow, hook == final)))
     with torch.inference_mode():
