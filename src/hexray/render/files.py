@@ -106,3 +106,10 @@ def generation_files(g: GenerationResult, document: dict, k: int) -> dict[str, b
     if g.steps:
         figs["cot_steps.png"] = plots.generation_steps_chart(g, k)
     return _with_page(figs, document, lambda f: generation_html(g, f))
+
+
+def dataset_files(title: str, document: dict) -> dict[str, bytes]:
+    """A dataset-level run's report: ``hexray.json`` and a page of its tables."""
+    from hexray.render.html import dataset_html
+
+    return _with_page({}, document, lambda f: dataset_html(title, document))

@@ -33,14 +33,14 @@ def _img(png: bytes, alt: str) -> str:
 
 def _attribution_table(a: Attribution, k: int) -> str:
     top = a.top(k)
-    total = sum(abs(c.score) for c in top) or 1.0
+    share = (lambda s: f"{100 * s / a.value:+.1f}%") if abs(a.value) > 1e-9 else (lambda s: "&mdash;")
     rows = "".join(
         f'<tr><td>{escape(c.component.label)}</td><td class="{"pos" if c.score >= 0 else "neg"}">{c.score:+.4f}</td>'
-        f"<td>{100 * abs(c.score) / total:.1f}%</td></tr>"
+        f"<td>{share(c.score)}</td></tr>"
         for c in top
     )
     return (
-        f"<table><tr><th>component</th><th>score</th><th>share of top {len(top)}</th></tr>{rows}</table>"
+        f"<table><tr><th>component</th><th>score</th><th>share of the value</th></tr>{rows}</table>"
         f"<p>Sum of all {len(a.components)} components: {sum(c.score for c in a.components):+.4f}; "
         f"explained value {a.value:+.4f} (error {a.reconstruction_error:.1e}).</p>"
     )
@@ -54,7 +54,7 @@ def report_html(report: Report, figures: dict[str, bytes]) -> str:
     )
     explained = f"logit({_tok(a.target.token)})" + (f" &minus; logit({_tok(a.contrast.token)})" if a.contrast else "")
     parts = [
-        f"<h1>HexRay report &mdash; {escape(report.spec.name)}</h1>",
+        f"<h1>HexRay report &mdash; {escape(report.spec.title)}</h1>",
         f"<p><b>Prompt</b> {escape(a.prompt)}</p><p><b>Tokens</b> {strip}</p>",
         f"<p><b>Position {a.position}</b> predicts {_tok(a.target.token)} with p={a.target.prob:.3f}; "
         f"explaining {explained} = {a.value:+.4f} at {escape(a.granularity)} granularity.</p>",
@@ -188,3 +188,23 @@ def generation_html(g: GenerationResult, figures: dict[str, bytes]) -> str:
         f"<h2>Every token</h2><table><tr><th>#</th><th>token</th><th>p</th><th>top components</th><th>watched</th></tr>{rows}</table>",
     ]
     return _page(f"Traced generation — {g.model}", parts)
+
+
+def dataset_html(title: str, document: dict) -> str:
+    """A dataset-level document as a page: its summary fields, then every list of rows as a table."""
+    parts = [f"<p><b>Model</b> {escape(str(document.get('model')))}</p>"]
+    for key, value in document.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            columns = list(value[0])
+            head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+            rows = "".join("<tr>" + "".join(f"<td>{escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>" for row in value)
+            parts.append(f"<h2>{escape(key)}</h2><table><tr>{head}</tr>{rows}</table>")
+        elif key != "model_info" and not isinstance(value, list):
+            parts.append(f"<p><b>{escape(key)}</b> {escape(_cell(value))}</p>")
+    return _page(title, parts)
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_cell(x)}" for k, x in v.items() if x is not None)
+    return f"{v:+.4f}" if isinstance(v, float) else "" if v is None else str(v)

@@ -149,7 +149,7 @@ def model_info(spec: ModelSpec) -> dict:
     return {
         "name": spec.name, "architecture": spec.architecture, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
         "d_model": spec.d_model, "d_mlp": spec.d_mlp, "d_vocab": spec.d_vocab, "n_ctx": spec.n_ctx, "norm": spec.norm,
-        "post_norms": spec.post_norms,
+        "post_norms": spec.post_norms, "weights": spec.weights or None,
         "logit_softcap": spec.logit_softcap,  # when set, "value" and the components are pre-cap logits
     }
 
@@ -287,4 +287,43 @@ def generation_done_doc(g: GenerationResult) -> dict:
         "done": True, "model": g.model, "stop_reason": g.stop_reason, "chat": g.chat,
         "prompt_token_ids": list(g.prompt_token_ids), "generated_ids": list(g.generated_ids), "text": g.text,
         "granularity": g.granularity, "rule": g.rule, "steps": generation_steps_doc(g), "graph": graph_doc(g.graph),
+    }
+
+
+# -- dataset-level runs -------------------------------------------------------------------------
+def spread_doc(s) -> dict | None:
+    return None if s is None else {"mean": _num(s.mean), "std": _num(s.std), "min": _num(s.min), "max": _num(s.max), "n": s.n}
+
+
+def dataset_attribution_document(d, spec: ModelSpec) -> dict:
+    """``hexray trace --prompts FILE --json``: each component's mean and spread over the set."""
+    return {
+        "model": d.model, "model_info": model_info(spec), "granularity": d.granularity, "token_index": d.token_index,
+        "n_prompts": len(d.prompts), "value": spread_doc(d.value),
+        "prompts": [{"prompt": p.prompt, "position": p.position, "target": token_doc(p.target), "contrast": token_doc(p.contrast), "value": _num(p.value)} for p in d.prompts],
+        "components": [{**{k: v for k, v in component_doc_of(c.component).items()}, "score": spread_doc(c.score)} for c in d.components],
+    }
+
+
+def component_doc_of(comp) -> dict:
+    return {"name": comp.name, "kind": comp.kind, "layer": comp.layer, "head": comp.head, "neuron": comp.neuron}
+
+
+def dataset_patch_document(d, spec: ModelSpec) -> dict:
+    """``hexray patch --prompts FILE --json``: each site's mean and spread of the normalised score."""
+    return {
+        "model": d.model, "model_info": model_info(spec), "method": d.method, "sweeps": list(d.sweeps), "n_pairs": len(d.pairs),
+        "pairs": [{"clean": p.clean, "corrupt": p.corrupt, "target": p.target, "contrast": p.contrast, "clean_value": _num(p.clean_value), "corrupt_value": _num(p.corrupt_value)} for p in d.pairs],
+        "results": [{**component_doc_of(s.site.component), "position": s.site.position, "sweep": s.sweep, "score": spread_doc(s.score)} for s in d.sites],
+    }
+
+
+def dataset_ablation_document(d, spec: ModelSpec) -> dict:
+    """``hexray ablate --prompts FILE --json``: KL and the target's probability, mean and spread."""
+    return {
+        "model": d.model, "model_info": model_info(spec), "components": d.components, "mode": d.mode, "n_prompts": len(d.prompts),
+        "kl": spread_doc(d.kl), "p_before": spread_doc(d.p_before), "p_after": spread_doc(d.p_after), "logit_diff_change": spread_doc(d.logit_diff_change),
+        "prompts": [{"prompt": p.prompt, "target": p.target, "p_before": _num(p.p_before), "p_after": _num(p.p_after), "kl": _num(p.kl),
+                     "logit_diff_before": None if p.logit_diff_before is None else _num(p.logit_diff_before),
+                     "logit_diff_after": None if p.logit_diff_after is None else _num(p.logit_diff_after)} for p in d.prompts],
     }

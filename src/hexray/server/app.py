@@ -89,6 +89,11 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             check_length(getattr(req, field, None), field)
         for i, reference in enumerate(getattr(req, "reference", None) or ()):
             check_length(reference, f"reference[{i}]")
+        for i, prompt in enumerate(getattr(req, "prompts", None) or ()):
+            check_length(prompt, f"prompts[{i}]")
+        for i, row in enumerate(getattr(req, "rows", None) or ()):
+            for key, text in row.items():
+                check_length(text, f"rows[{i}].{key}")
 
     async def on_model(req: BaseModel, work: Callable[[Job], dict]) -> dict:
         check_request(req)
@@ -242,6 +247,36 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             **{k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"},
         ), model.spec))
 
+    @app.post("/api/analyze/set")
+    async def analyze_set(req: schemas.AnalyzeSetRequest) -> dict:
+        """Attribution's mean and spread over ``prompts`` (the CLI's ``trace --prompts``), batched."""
+        from hexray.analysis.dataset import dataset_attribution
+        from hexray.analysis.report import AnalysisOptions
+
+        options = _from_request(AnalysisOptions, req)
+        rows = [{"prompt": p} for p in req.prompts]
+        return await on_model(req, lambda job: jsondoc.dataset_attribution_document(dataset_attribution(model, rows, options), model.spec))
+
+    @app.post("/api/patch/set")
+    async def patch_set(req: schemas.PatchSetRequest) -> dict:
+        """Each site's mean and spread over ``rows`` of {clean, corrupt[, target, contrast]} (``patch --prompts``)."""
+        from hexray.intervene.dataset import dataset_patching
+        from hexray.intervene.patching import PatchOptions
+
+        options = _from_request(PatchOptions, req)
+        rows = _pair_rows(req.rows)
+        return await on_model(req, lambda job: jsondoc.dataset_patch_document(dataset_patching(model, rows, options, progress=lambda d, t: job.check()), model.spec))
+
+    @app.post("/api/ablate/set")
+    async def ablate_set(req: schemas.AblateSetRequest) -> dict:
+        """KL and the target's probability over ``prompts`` with ``components`` ablated (``ablate --prompts``)."""
+        from hexray.intervene.ablation import AblateOptions
+        from hexray.intervene.dataset import dataset_ablation
+
+        options = _from_request(AblateOptions, req)
+        rows = [{"prompt": p} for p in req.prompts]
+        return await on_model(req, lambda job: jsondoc.dataset_ablation_document(dataset_ablation(model, rows, req.components, options, reference=req.reference), model.spec))
+
     @app.post("/api/heads")
     async def heads(req: HeadsRequest) -> dict:
         from hexray.analysis.heads import HeadsOptions, classify_heads
@@ -300,7 +335,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
 _ENDPOINTS = [
     ("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/analyze", "POST"), ("/api/attention", "POST"), ("/api/patch", "POST"),
-    ("/api/ablate", "POST"), ("/api/heads", "POST"), ("/api/generate", "POST"),
+    ("/api/ablate", "POST"), ("/api/analyze/set", "POST"), ("/api/patch/set", "POST"), ("/api/ablate/set", "POST"), ("/api/heads", "POST"), ("/api/generate", "POST"),
     ("/ws/analyze", "WEBSOCKET"), ("/ws/patch", "WEBSOCKET"), ("/ws/generate", "WEBSOCKET"),
 ]
 
@@ -329,6 +364,15 @@ def _error_doc(exc: HexRayError) -> dict:
 
     names = request_names()
     return exc.to_dict(lambda field: names.get(field, field))
+
+
+def _pair_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    for i, row in enumerate(rows):
+        missing = [k for k in ("clean", "corrupt") if not row.get(k)]
+        unknown = sorted(set(row) - {"clean", "corrupt", "target", "contrast"})
+        if missing or unknown:
+            raise HexRayError(f"{{field}} {'lacks ' + ', '.join(missing) if missing else 'has unknown keys ' + ', '.join(unknown)}", field=f"rows[{i}]")
+    return rows
 
 
 def _option_doc(o) -> dict:
