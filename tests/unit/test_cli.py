@@ -25,6 +25,17 @@ import hexray.cli
 from hexray.tracing.engine import run_trace
 
 REPO = Path(__file__).resolve().parents[2]
+def shown_token(tokenizer, i: int) -> str:
+    """How a token is shown: its text, or (a byte-level piece of a character) its bytes, from transformers' own byte table."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = tokenizer.decode([i])
+    if "\ufffd" not in text:
+        return text
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    return bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(i)).decode("utf-8", errors="backslashreplace")
+
+
 IOI = "When Mary and John went to the store, John gave a drink to"
 SENTENCES = ["The cat sat on the mat.", "The dog ran in the park.", "It was a cold day."]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -179,13 +190,13 @@ def test_json_document(cli, tiny_model, tiny_hf_model, granularity):
     assert doc["model"] == tiny_model.name
     assert doc["prompt"] == IOI
     assert doc["token_ids"] == ids
-    assert doc["tokens"] == [tiny_model.tokenizer.decode([i]) for i in ids]
+    assert doc["tokens"] == [shown_token(tiny_model.tokenizer, i) for i in ids]
     assert doc["position"] == len(ids) - 1
     assert doc["granularity"] == granularity
     assert doc["contrast"] is None
     assert set(doc["target"]) == {"token", "id", "logit", "prob"}
     assert doc["target"]["id"] == top
-    assert doc["target"]["token"] == tiny_model.tokenizer.decode([top])
+    assert doc["target"]["token"] == shown_token(tiny_model.tokenizer, top)
     assert doc["target"]["logit"] == pytest.approx(float(logits[top]), abs=1e-4)
     assert doc["target"]["prob"] == pytest.approx(float(probs[top]), abs=1e-5)
     assert doc["value"] == pytest.approx(float(logits[top]), abs=1e-4)
@@ -413,7 +424,7 @@ def test_save_activations_round_trip(cli, tiny_model, tiny_hf_model, tmp_path):
     assert saved.model == tiny_model.name
     assert saved.prompt == IOI
     assert list(saved.token_ids) == ids
-    assert list(saved.tokens) == [tiny_model.tokenizer.decode([i]) for i in ids]
+    assert list(saved.tokens) == [shown_token(tiny_model.tokenizer, i) for i in ids]
     assert list(saved.hooks) == hooks
     assert saved.shapes == {h: (len(ids), spec.d_model) for h in hooks}
     assert set(saved.tensors) == set(hooks)

@@ -54,6 +54,24 @@ def _predictions_view(rows, ctx) -> View:
     )
 
 
+def _steps_view(s, ctx) -> View:
+    return View(
+        f"Reasoning steps (split by {s.rule})", ("step", "text", "position", "predicts", "value", "top components"),
+        tuple((st.index, st.text[:60], st.attribution.position, repr(st.attribution.target.token), st.attribution.value,
+               "  ".join(f"{c.name} {c.score:+.2f}" for c in st.attribution.top(3))) for st in s.steps),
+    )
+
+
+def _weights_view(views, ctx) -> View:
+    return View("Weight matrices (Frobenius norm per head)", ("weight", "head", "shape", "norm"),
+                tuple((v.spec, i if v.per_head else "-", "x".join(map(str, v.matrices.shape[1:])), float(n)) for v in views for i, n in enumerate(v.norms)))
+
+
+def _arithmetic_view(g, ctx) -> View:
+    return View(f"Arithmetic graph: answer {g.answer.token!r} at position {g.position}", ("from", "edge", "to", "weight"),
+                tuple((e.source, e.kind, e.target, e.weight) for e in g.edges))
+
+
 ANALYSES = (
     Analysis(
         name="residual",
@@ -92,6 +110,7 @@ ANALYSES = (
         console=lambda r, ctx: lazy(_console + "steps_bars")(r, ctx.options.top_k),
         figures=lambda r, ctx: {"cot_steps.png": lazy(_plots + "steps_chart")(r, ctx.options.top_k)},
         html=lambda r, ctx: lazy(_html + "steps_section")(r, ctx.options.top_k),
+        table=_steps_view,
     ),
     Analysis(
         name="attribution",
@@ -127,6 +146,7 @@ ANALYSES = (
         console=lambda views, ctx: lazy(_console + "weights_tables")(views),
         figures=lambda views, ctx: {f"weights_{v.spec.replace('.', '_')}.png": lazy(_plots + "weight_heatmap")(v) for v in views},
         html=lambda views, ctx: lazy(_html + "weights_section")(views),
+        table=_weights_view,
         absent=(),
         report_by_default=True,
     ),
@@ -140,6 +160,7 @@ ANALYSES = (
         document=lambda g, ctx: lazy(_doc + "arithmetic_doc")(g),
         console=lambda g, ctx: lazy(_console + "arithmetic_summary")(g),
         figures=lambda g, ctx: {"arithmetic_graph.png": lazy(_plots + "arithmetic_chart")(g, "png"), "arithmetic_graph.svg": lazy(_plots + "arithmetic_chart")(g, "svg")},
+        table=_arithmetic_view,
         report_by_default=True,
     ),
     Analysis(

@@ -91,7 +91,7 @@ def attribution_table(a: Attribution, k: int, *, title: str | None = None) -> Ta
     top = a.top(k)
     covered = sum(c.score for c in top)
     table = Table(
-        title=title or f"Top {len(top)} contributors to {explained_text(a)} = {a.value:+.3f} at position {a.position} ({a.granularity})",
+        title=title or f"Top {len(top)} contributors to {explained_text(a)} at position {a.position} ({a.granularity})",
         caption=f"sum of all {len(a.components)} components = {sum(c.score for c in a.components):+.4f} "
         f"(value {a.value:+.4f}, error {a.reconstruction_error:.1e}); top {len(top)} cover {covered:+.4f}; share = score / value",
         title_justify="left",

@@ -309,7 +309,45 @@ function analyzeRequest() {
   if ($("target").value) body.target = $("target").value;
   if ($("contrast").value) body.contrast = $("contrast").value;
   if (state.pos !== null) body.token_index = state.pos;
+  for (const box of document.querySelectorAll("#analyses-options input[type=checkbox]")) if (box.checked) body[box.dataset.field] = true;
   return body;
+}
+
+// ---------------------------------------------------------------- the registry's other analyses: one generic panel
+async function loadRegistry() {
+  const { analyses } = await (await fetch("/api/analyses")).json();
+  const box = $("analyses-options");
+  box.replaceChildren();
+  for (const a of analyses.filter((x) => x.lab_panel === "analyses-panel" && x.switch)) {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.dataset.field = a.switch;
+    input.dataset.name = a.name;
+    label.append(input, ` ${a.title}`);
+    box.append(label);
+  }
+  if (!box.children.length) box.textContent = "every registered analysis has its own panel";
+}
+
+function renderViews() {
+  const out = $("analyses-views");
+  out.replaceChildren();
+  for (const [name, view] of Object.entries((analysis && analysis.views) || {})) {
+    const h = document.createElement("h3");
+    h.textContent = view.title;
+    const table = document.createElement("table");
+    table.className = "roles";
+    table.dataset.analysis = name;
+    const head = table.insertRow();
+    for (const c of view.columns) { const th = document.createElement("th"); th.textContent = c; head.append(th); }
+    for (const row of view.rows) {
+      const tr = table.insertRow();
+      for (const v of row) tr.insertCell().textContent = typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v);
+    }
+    out.append(h, table);
+    if (view.note) { const p = document.createElement("p"); p.className = "dim"; p.textContent = view.note; out.append(p); }
+  }
 }
 
 async function runAnalysis() {
@@ -330,7 +368,7 @@ async function runAnalysis() {
     }).done;
     const t0 = performance.now();
     analysis = doc;
-    docs["tokens-panel"] = docs["dla-panel"] = docs["lens-panel"] = docs["resid-panel"] = doc;
+    docs["tokens-panel"] = docs["dla-panel"] = docs["lens-panel"] = docs["resid-panel"] = docs["analyses-panel"] = doc;
     state.pos = doc.position === doc.tokens.length - 1 && state.pos === null ? null : doc.position;
     renderAnalysis();
     const renderMs = performance.now() - t0;
@@ -347,6 +385,7 @@ async function runAnalysis() {
 }
 
 function renderAnalysis() {
+  renderViews();
   renderTokens();
   renderDLA();
   renderLens();
@@ -705,7 +744,7 @@ let genTokens = [];
 
 async function runGeneration() {
   showError("");
-  const body = { prompt: $("prompt").value, max_new_tokens: Number($("max-new").value) || 24, chat: $("chat").checked, top_k: 3 };
+  const body = { prompt: $("prompt").value, max_new_tokens: Number($("max-new").value), chat: $("chat").checked };
   if ($("watch").value.trim()) body.watch = $("watch").value;
   state.ran.add("gen");
   writeURL();
@@ -875,6 +914,11 @@ async function init() {
     const health = await (await fetch("/api/health")).json();
     const info = health.model_info;
     $("model-badge").textContent = `${health.model} · ${info.n_layers}L × ${info.n_heads}H · d=${info.d_model}`;
+    if (info.weights) $("model-badge").title = `weights: ${info.weights}`;
+    const defaults = await (await fetch("/api/options")).json();  // one source of defaults: the server's options
+    const maxNew = defaults.generate.find((o) => o.name === "max_new_tokens");
+    if (maxNew && !new URLSearchParams(location.search).has("gen_n")) $("max-new").value = maxNew.default;
+    await loadRegistry();
   } catch {
     $("model-badge").textContent = "server unreachable";
   }

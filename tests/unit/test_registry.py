@@ -1,0 +1,118 @@
+"""The drift test: every registered analysis reaches the CLI, the API, the JSON, the report, the console and the lab.
+
+Nothing here names an analysis: a new registry entry is checked the moment it is registered.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+import pytest
+import typer.main
+from fastapi.testclient import TestClient
+from rich.console import Console
+
+from hexray import cli as cli_module
+from hexray.analysis.registry import analyses
+from hexray.analysis.report import AnalysisOptions, analyze
+from hexray.render.console import render_report
+from hexray.render.files import figures
+from hexray.render.html import report_html
+from hexray.render.jsondoc import report_document
+from hexray.server import schemas
+from hexray.server.app import STATIC, create_app
+
+PROMPT = "12 + 34 = 46. Then 5 + 7 ="
+SWITCHED = [a for a in analyses() if a.switch is not None]
+
+
+def _on(a):
+    """A value that switches ``a`` on."""
+    tp = a.switch.type
+    return ("attn.L0.W_Q",) if tp == tuple[str, ...] else 3 if tp is int else True
+
+
+@pytest.fixture(scope="module")
+def everything(tiny_llama):
+    options = AnalysisOptions(granularity="layer", **{a.switch.name: _on(a) for a in SWITCHED})
+    return analyze(tiny_llama, PROMPT, options)
+
+
+def _trace_flags() -> set[str]:
+    command = typer.main.get_command(cli_module.app).commands["trace"]
+    return {opt.split("/")[0] for p in command.params for opt in p.opts}
+
+
+@pytest.mark.parametrize("analysis", analyses(), ids=lambda a: a.name)
+def test_every_option_is_a_cli_flag_and_an_api_field(analysis):
+    flags, fields = _trace_flags(), schemas.AnalyzeRequest.model_fields
+    for option in analysis.all_options:
+        if option.flag != "":
+            assert option.cli_flag.split("/")[0] in flags, f"{analysis.name}: {option.cli_flag} missing from hexray trace"
+        if option.api:
+            assert option.request_field in fields, f"{analysis.name}: {option.request_field} missing from /api/analyze"
+            assert fields[option.request_field].default == (list(d) if isinstance(d := option.request_default, tuple) else d)
+    assert analysis.enabled(AnalysisOptions(**({analysis.switch.name: _on(analysis)} if analysis.switch else {})))
+    if analysis.switch is not None:
+        assert not analysis.enabled(AnalysisOptions())
+
+
+@pytest.mark.parametrize("analysis", analyses(), ids=lambda a: a.name)
+def test_every_analysis_reaches_json_report_console_and_lab(everything, analysis):
+    report, ctx = everything, everything.context
+    assert analysis.switch is None or analysis.name in report.sections
+    result = getattr(report, analysis.name)
+    doc = json.loads(json.dumps(report_document(report), allow_nan=False))
+    if analysis.json_key is not None:
+        assert analysis.json_key in doc, f"{analysis.name}: no {analysis.json_key!r} in the document"
+    else:
+        assert set(analysis.document(result, ctx)) <= set(doc)
+    pngs = figures(report)
+    if analysis.figures is not None:
+        assert set(analysis.figures(result, ctx)) <= set(pngs)
+    page = report_html(report, pngs)
+    if analysis.html is not None:
+        assert analysis.html(result, ctx) in page
+    elif analysis.table is not None:
+        assert html.escape(analysis.table(result, ctx).title) in page
+    assert analysis.console is not None or analysis.table is not None or analysis.figures is not None, f"{analysis.name} renders nowhere on the console or report"
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    if analysis.table is not None and analysis.console is None:
+        assert analysis.table(result, ctx).title in console.export_text()
+    index = (STATIC / "index.html").read_text()
+    assert f'id="{analysis.lab_panel}"' in index, f"{analysis.name}: the lab has no panel {analysis.lab_panel}"
+    if analysis.lab_panel == "analyses-panel":
+        assert analysis.table is not None, f"{analysis.name}: the generic lab panel draws a table"
+        assert analysis.name in doc["views"]
+
+
+def test_the_api_lists_the_registry_and_runs_everything_the_cli_can(tiny_llama):
+    with TestClient(create_app(tiny_llama, time_limit=60)) as client:
+        listed = client.get("/api/analyses").json()["analyses"]
+        assert [a["name"] for a in listed] == [a.name for a in analyses()]
+        body = {"prompt": PROMPT, "granularity": "layer"}
+        for a in SWITCHED:
+            value = _on(a)
+            body[a.switch.request_field] = list(value) if isinstance(value, tuple) else value
+        r = client.post("/api/analyze", json=body)
+        assert r.status_code == 200, r.text
+        for a in SWITCHED:
+            assert a.json_key in r.json()
+
+
+def test_one_set_of_defaults():
+    """The CLI flag, the API field and the options dataclass share each default (max_new_tokens drifted 32/48/32/24)."""
+    from hexray.generation.tracer import GENERATION_OPTIONS, GenerationOptions
+
+    command = typer.main.get_command(cli_module.app).commands["generate"]
+    cli_defaults = {p.name: p.default for p in command.params}
+    for option in GENERATION_OPTIONS:
+        if option.flag != "":
+            assert cli_defaults[option.name] == (None if option.type == tuple[str, ...] else option.default), option.name
+        if option.api:
+            assert schemas.GenerateRequest.model_fields[option.request_field].default == (list(option.default) if isinstance(option.default, tuple) else option.default)
+        assert getattr(GenerationOptions(), option.name) == option.default
+    assert "max_new_tokens" in (STATIC / "lab.js").read_text()  # the lab reads its default from /api/options
+    assert 'value="24"' not in (STATIC / "index.html").read_text()
