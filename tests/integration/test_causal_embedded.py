@@ -141,6 +141,6 @@ def test_classify_heads_finds_induction_and_previous_token_heads(smol):
     assert "induction" in labels
     assert "previous_token" in labels
     for role in ("induction", "previous_token"):
-        layer, head, score = h.top(role, 1)[0]
+        layer, head, score = h.top(1, role)[0]
         assert score >= h.threshold
         assert float(h.scores[role][layer, head]) == pytest.approx(score)

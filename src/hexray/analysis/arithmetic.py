@@ -13,7 +13,7 @@ import numpy as np
 
 from hexray.analysis.attribution import attribution_hooks, direct_logit_attribution
 from hexray.analysis.lens import lens_hooks, lens_logits, stacked_residual
-from hexray.analysis.results import ArithmeticGraph, GraphEdge, GraphNode
+from hexray.analysis.results import ArithmeticEdge, ArithmeticGraph, ArithmeticNode
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.tracing import sites
@@ -67,25 +67,27 @@ def arithmetic_graph(model: LoadedModel, trace: Trace, *, position: int = -1) ->
     lens = lens_logits(model, stacked_residual(model, trace)[:, pos])  # [rows, d_vocab]
     answer_rank = (lens > lens[:, answer_id : answer_id + 1]).sum(-1).cpu().numpy()
 
-    nodes = [GraphNode(f"num{i}", "".join(trace.tokens[p] for p in ps).strip(), "operand", ps[0]) for i, ps in enumerate(numbers)]
-    nodes += [GraphNode(f"op{p}", trace.tokens[p].strip(), "operator", p) for p in operators]
-    answer = GraphNode("answer", attribution.target.token.strip() or repr(attribution.target.token), "answer", pos, attribution.value)
-    edges: list[GraphEdge] = []
+    nodes = [ArithmeticNode(f"num{i}", "".join(trace.tokens[p] for p in ps).strip(), "operand", ps[0]) for i, ps in enumerate(numbers)]
+    nodes += [ArithmeticNode(f"op{p}", trace.tokens[p].strip(), "operator", p) for p in operators]
+    answer = ArithmeticNode("answer", attribution.target.token.strip() or repr(attribution.target.token), "answer", pos, attribution.value)
+    edges: list[ArithmeticEdge] = []
     writers = _top_indices(np.abs(head_scores), _TOP_WRITERS)
     movers = _top_indices(attention.sum(-1), _TOP_MOVERS)
     for layer, head in dict.fromkeys(writers + movers):
-        node = GraphNode(f"L{layer}H{head}", f"L{layer}H{head}", "head", None, float(head_scores[layer, head]))
+        name = sites.head(layer, head).name
+        node = ArithmeticNode(name, name, "head", None, float(head_scores[layer, head]))
         nodes.append(node)
         for i in range(len(numbers)):
             if attention[layer, head, i] >= _MIN_ATTENTION:
-                edges.append(GraphEdge(f"num{i}", node.id, "attends", float(attention[layer, head, i])))
-        edges.append(GraphEdge(node.id, "answer", "writes", float(head_scores[layer, head])))
+                edges.append(ArithmeticEdge(f"num{i}", node.id, "attends", float(attention[layer, head, i])))
+        edges.append(ArithmeticEdge(node.id, "answer", "writes", float(head_scores[layer, head])))
     for layer in np.argsort(-np.abs(mlp_scores))[:_TOP_MLPS]:
-        nodes.append(GraphNode(f"MLP{layer}", f"MLP{layer}", "mlp", None, float(mlp_scores[layer])))
-        edges.append(GraphEdge(f"MLP{layer}", "answer", "writes", float(mlp_scores[layer])))
+        name = sites.Component("mlp", int(layer)).name
+        nodes.append(ArithmeticNode(name, name, "mlp", None, float(mlp_scores[layer])))
+        edges.append(ArithmeticEdge(name, "answer", "writes", float(mlp_scores[layer])))
     nodes.append(answer)
     return ArithmeticGraph(
-        model=trace.model_name, prompt=trace.prompt, tokens=trace.tokens, position=pos, answer=attribution.target,
+        ref=trace.ref, position=pos, answer=attribution.target,
         operand_positions=tuple(p for ps in numbers for p in ps), operator_positions=tuple(operators),
         operand_attention=attention, head_scores=head_scores, mlp_scores=mlp_scores,
         answer_rank=answer_rank, nodes=tuple(nodes), edges=tuple(edges),

@@ -147,10 +147,7 @@ def direct_logit_attribution(
     total = sum(s for _, s in scores)
     scores.sort(key=lambda cs: -abs(cs[1]))
     return Attribution(
-        model=trace.model_name,
-        prompt=trace.prompt,
-        tokens=trace.tokens,
-        token_ids=trace.token_ids,
+        ref=trace.ref,
         position=pos,
         target=token_score(model, logits, target_id),
         contrast=None if contrast is None else token_score(model, logits, contrast),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole
+from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole, PromptRef
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.options import Option, options_class
@@ -109,9 +109,7 @@ def classify_heads(
     scores["induction"] = _induction_scores(model, None, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     labels = _labels(scores, threshold)
     return HeadClassification(
-        model=model.name,
-        prompt=text,
-        tokens=tuple(model.token_strs(ids)),
+        ref=PromptRef(model.name, text, tuple(model.token_strs(ids)), tuple(ids)),
         threshold=threshold,
         seq_len=seq_len,
         n_sequences=n_sequences,
@@ -149,7 +147,7 @@ def head_attention(
     induction = _induction_scores(model, range(layer, layer + 1), seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     scores["induction"] = float(induction[0, head])
     return HeadAttention(
-        model=model.name, prompt=prompt, tokens=tuple(model.token_strs(ids)), layer=layer, head=head,
+        ref=PromptRef(model.name, prompt, tuple(model.token_strs(ids)), tuple(ids)), layer=layer, head=head,
         pattern=pattern.cpu().numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
     )
 

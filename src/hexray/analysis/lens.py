@@ -93,8 +93,7 @@ def residual_trace(model: LoadedModel, trace: Trace, *, lens_positions: Sequence
         top_tokens.append(tuple(model.token_strs(i.tolist())))
         top_probs.append(torch.exp(best - torch.logsumexp(logits, dim=-1)))  # softmax at the max only
     return ResidualTrace(
-        model=trace.model_name,
-        tokens=trace.tokens,
+        ref=trace.ref,
         row_labels=row_labels(spec),
         resid_norm=resid.norm(dim=-1).cpu().numpy(),
         attn_delta_norm=attn.norm(dim=-1).cpu().numpy(),

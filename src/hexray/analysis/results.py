@@ -6,15 +6,77 @@ a model reference. Arrays are numpy, on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from hexray.tracing.sites import Component
+from hexray.tracing.sites import Component, head
 
 Granularity = Literal["layer", "head", "neuron"]
 GRANULARITIES: tuple[str, ...] = ("layer", "head", "neuron")
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """The prompt a result is about: which model read which text as which tokens (shared by every result)."""
+
+    model: str
+    prompt: str
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...]
+
+
+class OnPrompt:
+    """A result about one prompt: ``model``, ``prompt``, ``tokens`` and ``token_ids`` are its ``ref``'s."""
+
+    ref: PromptRef
+
+    @property
+    def model(self) -> str:
+        return self.ref.model
+
+    @property
+    def prompt(self) -> str:
+        return self.ref.prompt
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.ref.tokens
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.ref.token_ids
+
+
+def _value_key(v: Any) -> Any:
+    """A hashable stand-in that is equal exactly when the values are (arrays by shape, dtype and content)."""
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.shape, v.dtype.str, v.tobytes())
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _value_key(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, tuple(_value_key(x) for x in v))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return (type(v).__name__, tuple(_value_key(getattr(v, f.name)) for f in dataclasses.fields(v) if f.compare))
+    return v
+
+
+class ComparableResult:
+    """Frozen results that hold arrays or dicts: ``==`` compares them by value, and they hash.
+
+    Subclasses are ``@dataclass(frozen=True, eq=False)`` so these two methods are the ones used.
+    """
+
+    def _key(self) -> tuple:
+        return tuple(_value_key(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._key()))
 
 
 @dataclass(frozen=True)
@@ -38,17 +100,14 @@ class ComponentScore:
 
 
 @dataclass(frozen=True)
-class Attribution:
+class Attribution(OnPrompt):
     """Direct logit attribution of ``value`` (a logit or logit difference) at one position.
 
     ``components`` is every component at ``granularity``, sorted by ``|score|`` descending, and
     their scores sum to ``value`` up to ``reconstruction_error`` (float rounding; ~1e-6 here).
     """
 
-    model: str
-    prompt: str
-    tokens: tuple[str, ...]
-    token_ids: tuple[int, ...]
+    ref: PromptRef
     position: int
     target: TokenScore
     contrast: TokenScore | None
@@ -59,6 +118,11 @@ class Attribution:
 
     def top(self, k: int) -> tuple[ComponentScore, ...]:
         return self.components[:k]
+
+    def _repr_html_(self) -> str:
+        from hexray.render.html import attribution_section
+
+        return attribution_section(self, 10)
 
     def score_of(self, name: str) -> float:
         for c in self.components:
@@ -103,15 +167,14 @@ class LogitLens:
     rows: tuple[LensRow, ...]  # n_layers + 1: embeddings, then after each block
 
 
-@dataclass(frozen=True)
-class ResidualTrace:
+@dataclass(frozen=True, eq=False)
+class ResidualTrace(OnPrompt, ComparableResult):
     """Per layer and position: how the residual stream grew and what it already predicts.
 
     Row ``r`` of the ``[n_layers + 1, pos]`` arrays is the stream after ``row_labels[r]``.
     """
 
-    model: str
-    tokens: tuple[str, ...]
+    ref: PromptRef
     row_labels: tuple[str, ...]
     resid_norm: np.ndarray  # [n_layers + 1, pos]
     attn_delta_norm: np.ndarray  # [n_layers, pos]: |attention output| written by each block
@@ -136,8 +199,8 @@ class StepAttribution:
     steps: tuple[ReasoningStep, ...]
 
 
-@dataclass(frozen=True)
-class WeightView:
+@dataclass(frozen=True, eq=False)
+class WeightView(ComparableResult):
     """One weight matrix, split per head where it is per head."""
 
     spec: str  # as the user wrote it: attn.L10.W_Q
@@ -151,7 +214,7 @@ class WeightView:
 
 
 @dataclass(frozen=True)
-class GraphNode:
+class ArithmeticNode:
     id: str
     label: str
     kind: Literal["operand", "operator", "head", "mlp", "answer"]
@@ -160,20 +223,18 @@ class GraphNode:
 
 
 @dataclass(frozen=True)
-class GraphEdge:
+class ArithmeticEdge:
     source: str
     target: str
     kind: Literal["attends", "writes"]
     weight: float
 
 
-@dataclass(frozen=True)
-class ArithmeticGraph:
+@dataclass(frozen=True, eq=False)
+class ArithmeticGraph(OnPrompt, ComparableResult):
     """How the model computed an arithmetic answer, read from its own forward pass."""
 
-    model: str
-    prompt: str
-    tokens: tuple[str, ...]
+    ref: PromptRef
     position: int
     answer: TokenScore
     operand_positions: tuple[int, ...]
@@ -182,21 +243,22 @@ class ArithmeticGraph:
     head_scores: np.ndarray  # [n_layers, n_heads]: direct attribution to the answer
     mlp_scores: np.ndarray  # [n_layers]
     answer_rank: np.ndarray  # [n_layers + 1]: the answer's logit-lens rank after each layer
-    nodes: tuple[GraphNode, ...]
-    edges: tuple[GraphEdge, ...]
+    nodes: tuple[ArithmeticNode, ...]
+    edges: tuple[ArithmeticEdge, ...]
 
 
 HeadRole = Literal["previous_token", "duplicate_token", "induction", "bos"]
 HEAD_ROLES: tuple[HeadRole, ...] = ("induction", "duplicate_token", "previous_token", "bos")  # tie order
 
 
-@dataclass(frozen=True)
-class HeadClassification:
-    """Role scores of every head; ``scores[role]`` is [n_layers, n_heads], ``labels[layer][head]``."""
+@dataclass(frozen=True, eq=False)
+class HeadClassification(OnPrompt, ComparableResult):
+    """Role scores of every head; ``scores[role]`` is [n_layers, n_heads], ``labels[layer][head]``.
 
-    model: str
-    prompt: str  # the text behind the previous-token, duplicate-token and BOS scores
-    tokens: tuple[str, ...]
+    ``ref`` is the text behind the previous-token, duplicate-token and BOS scores.
+    """
+
+    ref: PromptRef
     threshold: float
     seq_len: int  # induction: random sequences of this length, repeated once
     n_sequences: int
@@ -204,27 +266,34 @@ class HeadClassification:
     scores: dict[str, np.ndarray]
     labels: tuple[tuple[str | None, ...], ...]
 
+    def _repr_html_(self) -> str:
+        from hexray.render.html import heads_html
+
+        return heads_html(self, {})
+
     def heads(self):
         """``(layer, head, {role: score}, label)`` for every head, layer by layer."""
         for layer, row in enumerate(self.labels):
             for head, label in enumerate(row):
                 yield layer, head, {r: float(self.scores[r][layer, head]) for r in HEAD_ROLES}, label
 
-    def top(self, role: str, k: int) -> list[tuple[int, int, float]]:
+    def top(self, k: int, role: str = "induction") -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads for ``role``: (layer, head, score); undefined scores are left out."""
         s = self.scores[role]
         flat = [i for i in np.argsort(-np.nan_to_num(s, nan=-np.inf), axis=None) if np.isfinite(s.flat[i])][:k]
         return [(int(i // s.shape[1]), int(i % s.shape[1]), float(s.flat[i])) for i in flat]
 
 
-@dataclass(frozen=True)
-class HeadAttention:
+@dataclass(frozen=True, eq=False)
+class HeadAttention(OnPrompt, ComparableResult):
     """One head's attention on a prompt, with its role scores (induction from random repeats)."""
 
-    model: str
-    prompt: str
-    tokens: tuple[str, ...]
+    ref: PromptRef
     layer: int
     head: int
     pattern: np.ndarray  # [q, k]: row q is where query position q attends
     scores: dict[str, float]  # role -> score, NaN where the prompt gives the role nothing to score
+
+    @property
+    def name(self) -> str:
+        return head(self.layer, self.head).name

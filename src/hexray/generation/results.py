@@ -7,14 +7,14 @@ from typing import Literal
 
 import numpy as np
 
-from hexray.analysis.results import ComponentScore, Granularity
+from hexray.analysis.results import ComparableResult, ComponentScore, Granularity, PromptRef
 from hexray.tracing.sites import Component
 
 StopReason = Literal["eos", "max_new_tokens", "interrupted", "text_end"]
 
 
-@dataclass(frozen=True)
-class TokenRecord:
+@dataclass(frozen=True, eq=False)
+class TokenRecord(ComparableResult):
     """One generated token, traced at the position that predicted it."""
 
     index: int  # among generated tokens, from 0
@@ -53,7 +53,7 @@ class GenStep:
 
 
 @dataclass(frozen=True)
-class GraphEdge:
+class StepEdge:
     source: str
     target: str
     weight: float  # logit units
@@ -63,17 +63,14 @@ class GraphEdge:
 @dataclass(frozen=True)
 class ReasoningGraph:
     nodes: tuple[str, ...]  # "prompt", "step 1", ...
-    edges: tuple[GraphEdge, ...]
+    edges: tuple[StepEdge, ...]
     threshold: float  # an edge is kept when |weight| >= threshold * the target's largest |weight|
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    model: str
-    prompt: str
+@dataclass(frozen=True, eq=False)
+class GenerationResult(ComparableResult):
+    ref: PromptRef  # the prompt as the model read it (after any chat template)
     chat: bool
-    prompt_token_ids: tuple[int, ...]
-    prompt_tokens: tuple[str, ...]
     generated_ids: tuple[int, ...]
     text: str
     granularity: Granularity
@@ -85,3 +82,13 @@ class GenerationResult:
     steps: tuple[GenStep, ...] = ()
     graph: ReasoningGraph | None = None
     watch_threshold: float | None = None
+
+    model = property(lambda self: self.ref.model)
+    prompt = property(lambda self: self.ref.prompt)
+    prompt_token_ids = property(lambda self: self.ref.token_ids)
+    prompt_tokens = property(lambda self: self.ref.tokens)
+
+    def _repr_html_(self) -> str:
+        from hexray.render.html import generation_html
+
+        return generation_html(self, {})

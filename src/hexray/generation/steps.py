@@ -8,7 +8,7 @@ import numpy as np
 
 from hexray.analysis.results import ComponentScore
 from hexray.analysis.steps import split_steps, token_span
-from hexray.generation.results import GenStep, GraphEdge, ReasoningGraph, StepDependency, TokenRecord
+from hexray.generation.results import GenStep, StepEdge, ReasoningGraph, StepDependency, TokenRecord
 from hexray.models.loading import LoadedModel
 from hexray.tracing.sites import Component
 
@@ -50,7 +50,7 @@ def reasoning_steps(
     steps: list[GenStep] = []
     seq_spans: list[tuple[str, int, int]] = [("prompt", 0, prompt_len)]  # source name, [start, end) sequence positions
     previous_sum = None
-    edges: list[GraphEdge] = []
+    edges: list[StepEdge] = []
     for span in spans:
         t0, t1 = token_span(offsets, span)
         if t1 <= t0:
@@ -75,7 +75,7 @@ def reasoning_steps(
         ))
         biggest = max((abs(d.dla) for d in depends), default=0.0)
         edges += [
-            GraphEdge(d.source, f"step {index}", d.dla, d.attention)
+            StepEdge(d.source, f"step {index}", d.dla, d.attention)
             for d in depends
             if biggest > 0 and abs(d.dla) >= graph_threshold * biggest
         ]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction, write_directions
-from hexray.analysis.results import GRANULARITIES
+from hexray.analysis.results import GRANULARITIES, PromptRef
 from hexray.errors import HexRayError
 from hexray.generation.results import GenerationResult, StopReason, TokenRecord
 from hexray.generation.steps import reasoning_steps
@@ -216,11 +216,8 @@ class TracedGeneration:
         text = model.tokenizer.decode(list(ids)) if ids else ""
         rule, steps, graph = reasoning_steps(model, self.records, components, scores, self.prompt_ids, top_k=opts.top_k, graph_threshold=opts.graph_threshold)
         return GenerationResult(
-            model=model.name,
-            prompt=self.prompt,
+            ref=PromptRef(model.name, self.prompt, tuple(model.token_strs(self.prompt_ids)), tuple(self.prompt_ids)),
             chat=opts.chat,
-            prompt_token_ids=tuple(self.prompt_ids),
-            prompt_tokens=tuple(model.token_strs(self.prompt_ids)),
             generated_ids=ids,
             text=text,
             granularity=opts.granularity,

@@ -182,10 +182,7 @@ def ablate(
         target_id = int(before_logits.argmax())
     kl = float((before_probs * (before_probs.clamp_min(1e-300).log() - after_probs.clamp_min(1e-300).log())).sum())
     return AblationResult(
-        model=model.name,
-        prompt=prompt,
-        tokens=trace.tokens,
-        token_ids=trace.token_ids,
+        ref=trace.ref,
         position=position,
         sites=tuple(s for s, _ in sites_at),
         mode=mode,

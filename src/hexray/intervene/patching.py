@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hexray.analysis.attribution import logit_direction, token_score
+from hexray.analysis.results import PromptRef
 from hexray.errors import HexRayError
 from hexray.intervene.results import METHODS, SWEEP_KINDS, SWEEPS, Method, PatchingResult, PatchScore, Site, Sweep
 from hexray.models.loading import LoadedModel, ModelSpec
@@ -257,13 +258,8 @@ def activation_patching(
         results.append(PatchScore(site=site, sweep=s, score=e if e is not None else a, attribution=a if method == "both" else None))
     correlation = _correlations(results, chosen) if method == "both" else None
     return PatchingResult(
-        model=model.name,
-        clean_prompt=clean,
-        corrupt_prompt=corrupt,
-        clean_tokens=clean_trace.tokens,
-        corrupt_tokens=tuple(model.token_strs(corrupt_ids)),
-        clean_token_ids=clean_trace.token_ids,
-        corrupt_token_ids=tuple(corrupt_ids),
+        clean=clean_trace.ref,
+        corrupt=PromptRef(model.name, corrupt, tuple(model.token_strs(corrupt_ids)), tuple(corrupt_ids)),
         target=token_score(model, clean_trace.logits[-1], target_id),
         contrast=token_score(model, clean_trace.logits[-1], contrast_id),
         clean_value=clean_value,

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from hexray.analysis.results import TokenScore
+from hexray.analysis.results import ComparableResult, OnPrompt, PromptRef, TokenScore
 from hexray.tracing.sites import Component
 
 Sweep = Literal["heads", "heads-pos", "resid", "attn", "mlp", "neurons"]
@@ -45,15 +45,10 @@ class PatchScore:
     attribution: float | None = None  # the gradient estimate, with method="both"
 
 
-@dataclass(frozen=True)
-class PatchingResult:
-    model: str
-    clean_prompt: str
-    corrupt_prompt: str
-    clean_tokens: tuple[str, ...]
-    corrupt_tokens: tuple[str, ...]
-    clean_token_ids: tuple[int, ...]
-    corrupt_token_ids: tuple[int, ...]
+@dataclass(frozen=True, eq=False)
+class PatchingResult(ComparableResult):
+    clean: PromptRef
+    corrupt: PromptRef
     target: TokenScore  # on the clean prompt
     contrast: TokenScore
     clean_value: float  # logit(target) - logit(contrast) on the clean prompt
@@ -65,6 +60,19 @@ class PatchingResult:
     correlation: dict[str, float | None] | None = None  # per sweep (and "all"), exact vs attribution
 
     metric: str = "logit_diff"
+
+    model = property(lambda self: self.clean.model)
+    clean_prompt = property(lambda self: self.clean.prompt)
+    corrupt_prompt = property(lambda self: self.corrupt.prompt)
+    clean_tokens = property(lambda self: self.clean.tokens)
+    corrupt_tokens = property(lambda self: self.corrupt.tokens)
+    clean_token_ids = property(lambda self: self.clean.token_ids)
+    corrupt_token_ids = property(lambda self: self.corrupt.token_ids)
+
+    def _repr_html_(self) -> str:
+        from hexray.render.html import patching_html
+
+        return patching_html(self, {}, 10)
 
     def top(self, k: int, sweep: str | None = None) -> tuple[PatchScore, ...]:
         rows = [r for r in self.results if sweep is None or r.sweep == sweep]
@@ -82,7 +90,7 @@ class PatchingResult:
         rows = self.of(sweep)
         def row_key(r: PatchScore) -> str:
             c = r.site.component
-            return f"L{c.layer}H{c.head}" if sweep == "heads-pos" else f"L{c.layer}"
+            return c.name if sweep == "heads-pos" else f"L{c.layer}"
         def col_key(r: PatchScore):
             c = r.site.component
             return {"heads": c.head, "neurons": c.neuron}.get(sweep, r.site.position)
@@ -113,11 +121,8 @@ class Distribution:
 
 
 @dataclass(frozen=True)
-class AblationResult:
-    model: str
-    prompt: str
-    tokens: tuple[str, ...]
-    token_ids: tuple[int, ...]
+class AblationResult(OnPrompt):
+    ref: PromptRef
     position: int
     sites: tuple[Site, ...]
     mode: AblationMode
@@ -126,3 +131,8 @@ class AblationResult:
     before: Distribution
     after: Distribution
     kl: float  # KL(before || after), nats
+
+    def _repr_html_(self) -> str:
+        from hexray.render.html import ablation_html
+
+        return ablation_html(self, {})

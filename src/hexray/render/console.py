@@ -10,6 +10,7 @@ from rich.text import Text
 from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult
+from hexray.tracing.sites import head as head_component
 from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, ComponentScore, LogitLens, ResidualTrace, StepAttribution, WeightView
 
 BAR_WIDTH = 25
@@ -263,8 +264,8 @@ def render_heads(h: HeadClassification, console: Console, k: int = 5) -> None:
     top.add_column("role")
     top.add_column("heads (score)")
     for role in h.scores:
-        best = h.top(role, k)
-        top.add_row(role, "  ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in best) or "n/a (the prompt has no such positions)")
+        best = h.top(k, role)
+        top.add_row(role, "  ".join(f"{head_component(layer, h).name} {score:.2f}" for layer, h, score in best) or "n/a (the prompt has no such positions)")
     console.print(top)
     console.print(Text(f"previous/duplicate/BOS measured on {len(h.tokens)} prompt tokens; induction on {h.n_sequences} repeated random sequences of {h.seq_len} tokens (seed {h.seed})", style="dim"))
 

@@ -9,6 +9,7 @@ from hexray.analysis.report import Report
 from hexray.analysis.results import Attribution, HeadClassification
 from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
+from hexray.tracing.sites import head as head_component
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1d1d1f;background:#fff}
@@ -154,7 +155,7 @@ def ablation_html(r: AblationResult, figures: dict[str, bytes]) -> str:
 
 def heads_html(h: HeadClassification, figures: dict[str, bytes]) -> str:
     rows = "".join(
-        f"<tr><td>L{layer}H{head}</td>" + "".join(f"<td>{v:.3f}</td>" if v == v else "<td>n/a</td>" for v in scores.values()) + f"<td>{escape(label or '')}</td></tr>"
+        f"<tr><td>{head_component(layer, head).name}</td>" + "".join(f"<td>{v:.3f}</td>" if v == v else "<td>n/a</td>" for v in scores.values()) + f"<td>{escape(label or '')}</td></tr>"
         for layer, head, scores, label in h.heads()
     )
     header = "".join(f"<th>{escape(role)}</th>" for role in h.scores)

@@ -10,6 +10,7 @@ from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, ReasoningGraph, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult, PatchScore
 from hexray.models.loading import ModelSpec
+from hexray.tracing.sites import head as head_component
 from hexray.analysis.results import ArithmeticGraph, HeadAttention, HeadClassification, Attribution, ComponentScore, LogitLens, ResidualTrace, StepAttribution, TokenScore, WeightView
 
 
@@ -224,7 +225,7 @@ def heads_document(h: HeadClassification, spec: ModelSpec) -> dict:
         "threshold": h.threshold,
         "induction_data": {"seq_len": h.seq_len, "n_sequences": h.n_sequences, "seed": h.seed},
         "heads": [
-            {"name": f"L{layer}H{head}", "layer": layer, "head": head, "scores": {k: _num(v) for k, v in scores.items()}, "label": label}
+            {"name": head_component(layer, head).name, "layer": layer, "head": head, "scores": {k: _num(v) for k, v in scores.items()}, "label": label}
             for layer, head, scores, label in h.heads()
         ],
     }
@@ -234,7 +235,7 @@ def head_attention_document(a: HeadAttention) -> dict:
     """One head's attention pattern (rounded to 4 places: it is drawn, not computed on) and role scores."""
     return {
         "model": a.model, "prompt": a.prompt, "tokens": list(a.tokens), "layer": a.layer, "head": a.head,
-        "name": f"L{a.layer}H{a.head}", "scores": {k: _num(v) for k, v in a.scores.items()},
+        "name": a.name, "scores": {k: _num(v) for k, v in a.scores.items()},
         "pattern": _arr(np.round(a.pattern, 4)),
     }
 

@@ -42,6 +42,13 @@ class Trace:
     def n_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def ref(self):
+        """The prompt reference every result built from this trace shares."""
+        from hexray.analysis.results import PromptRef
+
+        return PromptRef(self.model_name, self.prompt, self.tokens, self.token_ids)
+
 
 def tokenize_prompt(model: LoadedModel, prompt: str, *, prepend_bos: bool | None = None, field_name: str = "prompt") -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids (and character spans) for ``prompt``, with the user-facing checks."""
