@@ -78,6 +78,7 @@ def lazy(path: str) -> Callable:
 # the analyses, in the order the console, the report and the document show them
 MODULES: tuple[str, ...] = (
     "hexray.analysis.sections",
+    "hexray.analysis.head_metrics",
 )
 
 
