@@ -241,3 +241,22 @@ def test_a_bad_request_shows_one_line_and_keeps_the_page(lab):
     error = lab.text("#error")
     assert error.startswith("error: ") and "\n" not in error and "target" in error
     assert lab.page.locator("#tokens .tok").count() == tokens_before  # the last good view stays
+
+
+def test_the_registry_panel_runs_an_analysis_without_a_panel_of_its_own(lab, shots):
+    """Every registry analysis without its own panel gets a checkbox; ticking one adds its table to the next analysis."""
+    registry = lab.page.evaluate("fetch('/api/analyses').then(r => r.json())")["analyses"]
+    generic = [a for a in registry if a["lab_panel"] == "analyses-panel"]
+    lab.wait(f"document.querySelectorAll('#analyses-options input').length === {len(generic)}")
+    n = lab.page.evaluate("window.hexrayLab.analyses")
+    lab.page.fill("#prompt", "When Mary and John went to the store, John gave a drink to")
+    lab.page.fill("#target", "")
+    lab.page.fill("#contrast", "")
+    lab.page.check("#analyses-options input[data-name=head_metrics]")
+    lab.page.click("#run")
+    lab.analysed(n)
+    table = lab.page.locator("#analyses-views table[data-analysis=head_metrics]")
+    assert table.locator("tr").count() == 1 + 20  # a header and the lab's top_k rows
+    assert "Most focused heads at position 13" in lab.text("#analyses-views")
+    assert lab.page.locator("#analyses-views table").count() == 1  # only what was ticked
+    lab.page.locator("#analyses-panel").screenshot(path=str(shots / "registry.png"))

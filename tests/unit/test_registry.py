@@ -116,3 +116,15 @@ def test_one_set_of_defaults():
         assert getattr(GenerationOptions(), option.name) == option.default
     assert "max_new_tokens" in (STATIC / "lab.js").read_text()  # the lab reads its default from /api/options
     assert 'value="24"' not in (STATIC / "index.html").read_text()
+
+
+def test_errors_name_the_field_the_cli_spells_the_flag_and_the_api_its_request_field(cli, tiny_llama):
+    r = cli("no-load", "patch", "--clean", "a", "--corrupt", "b", "--sweep", "heads,bogus")
+    assert r.code == 2 and "unknown sweep 'bogus'" in r.err
+    r = cli(tiny_llama, "trace", "--prompt", "The cat sat", "--token-index", "9")
+    assert r.code == 2 and "--token-index 9 is out of range" in r.err
+    with TestClient(create_app(tiny_llama, time_limit=60)) as client:
+        doc = client.post("/api/patch", json={"clean": "The cat sat", "corrupt": "The dog ran", "sweep": ""}).json()
+        assert doc["field"] == "sweep" and doc["error"] == "sweep is empty", doc  # the request's name, not the option's (sweeps)
+        doc = client.post("/api/analyze", json={"prompt": "The cat sat", "token_index": 9}).json()
+        assert doc["error"].startswith("token_index 9 is out of range") and "--" not in doc["error"] + str(doc["hint"])
