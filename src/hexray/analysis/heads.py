@@ -100,8 +100,7 @@ def classify_heads(
     Previous-token, duplicate-token and BOS scores come from ``prompt`` (default: a short text with
     repeated words); induction always comes from ``n_sequences`` repeated random sequences.
     """
-    if not 0 <= threshold <= 1:
-        raise HexRayError(f"{{field}} must be between 0 and 1, got {threshold}", field="threshold")
+    HeadsOptions(threshold=threshold, seq_len=seq_len, n_sequences=n_sequences, seed=seed).validate()
     _check_induction_data(model, seq_len, n_sequences)
     text, ids = _scored_text(model, prompt, prepend_bos)
     tokens = torch.tensor(ids)

@@ -185,8 +185,7 @@ def activation_patching(
     ``last_position_only`` patches only the final token, so the prompts may differ in length.
     """
     chosen = parse_sweeps(sweeps, method)
-    if batch_size is not None and batch_size <= 0:
-        raise HexRayError(f"{{field}} must be positive, got {batch_size}", field="batch_size")
+    PatchOptions(batch_size=batch_size).validate()  # the declared bounds, as the CLI and the API check them
     clean_ids = _tokens(model, clean, "clean", prepend_bos)
     corrupt_ids = _tokens(model, corrupt, "corrupt", prepend_bos)
     if len(clean_ids) != len(corrupt_ids) and not last_position_only:
