@@ -41,7 +41,7 @@ def bridge_loop(model, ids: list[int]) -> list[int]:
     """Greedy decoding through the bridge with its KV cache and no hooks."""
     out, run, tokens = [], IncrementalRun(model), torch.tensor([ids])
     for _ in range(NEW):
-        logits = run.step(tokens, [])
+        logits, _ = run.step(tokens)
         out.append(int(logits[-1].argmax()))
         tokens = torch.tensor([[out[-1]]])
     return out

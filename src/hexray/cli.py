@@ -76,7 +76,6 @@ def with_options(*groups):
         derived = [_typer_param(o) for o in options]
         fn.__signature__ = sig.replace(parameters=fixed + derived, return_annotation=None)
         fn.__annotations__ = {**hints, **{p.name: p.annotation for p in derived}}
-        fn.cli_options = tuple(options)
         return fn
 
     return wrap

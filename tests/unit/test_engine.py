@@ -142,6 +142,9 @@ def test_results_compare_hash_and_share_the_prompt_reference(tiny_model):
     assert report.attribution.ref == report.residual.ref == report.trace.ref
     assert report.attribution.tokens == report.trace.tokens and report.residual.model == tiny_model.name
     assert "<table>" in report.attribution._repr_html_() and "<html" in report._repr_html_()
+    again = analyze(tiny_model, PROMPTS[0], AnalysisOptions(logit_lens=True, residual=True))
+    assert again == report and hash(again) == hash(report)
+    assert analyze(tiny_model, PROMPTS[1], AnalysisOptions(logit_lens=True, residual=True)) != report
 
 
 def test_no_bridge_call_or_hook_name_parsing_outside_the_engine():

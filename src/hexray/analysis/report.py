@@ -12,7 +12,7 @@ from typing import Any
 
 from hexray.analysis.attribution import direct_logit_attribution
 from hexray.analysis.registry import Analysis, Context, analyses
-from hexray.analysis.results import GRANULARITIES, Attribution
+from hexray.analysis.results import GRANULARITIES, Attribution, ComparableResult
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.options import Option, options_class
 from hexray.tracing.engine import Trace, run_trace
@@ -45,8 +45,8 @@ AnalysisOptions = options_class(
 )
 
 
-@dataclass(frozen=True)
-class Report:
+@dataclass(frozen=True, eq=False)
+class Report(ComparableResult):
     """The core attribution and every requested analysis's result, by registry name.
 
     ``report.logit_lens`` (any registry name) is that analysis's result, or its ``absent`` value
