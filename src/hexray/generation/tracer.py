@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from hexray.analysis.attribution import attribution_hooks, check_granularity, direct_logit_attribution, logit_direction, residual_direction, write_directions
+from hexray.analysis.attribution import attribution_hooks, direct_logit_attribution, logit_direction, residual_direction, write_directions
 from hexray.analysis.results import GRANULARITIES, PromptRef
 from hexray.errors import HexRayError
 from hexray.generation.results import GenerationResult, StopReason, TokenRecord

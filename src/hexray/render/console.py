@@ -11,7 +11,7 @@ from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult
 from hexray.tracing.sites import head as head_component
-from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, ComponentScore, LogitLens, ResidualTrace, StepAttribution, WeightView
+from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, LogitLens, ResidualTrace, StepAttribution, WeightView
 
 BAR_WIDTH = 25
 MAX_GRID_POSITIONS = 8

@@ -22,7 +22,7 @@ import torch
 
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
-from hexray.tracing.engine import DEFAULT_MEMORY_BUDGET, rows_per_chunk
+from hexray.tracing.engine import rows_per_chunk
 from hexray.tracing.sites import parse_hook
 
 
