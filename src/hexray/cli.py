@@ -32,7 +32,7 @@ app = typer.Typer(
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="HEXRAY_MODEL", help="Model: HF id, local folder, .gguf file, or an alias like gpt2-small. Default: the embedded SmolLM2-135M-Instruct.")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The text to run through the model.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else.")]
-ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
+ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="HEXRAY_DEVICE", help="cpu | cuda | cuda:N | mps | auto (CUDA, else MPS, else CPU).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="HEXRAY_DTYPE", help="float32 | bfloat16 | float16: what the model computes in (attribution accumulates in float32).")]
 
@@ -141,13 +141,15 @@ def trace_command(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    save_activations: Annotated[Optional[Path], typer.Option("--save-activations", help="Write activations (safetensors + manifest.json) to this folder.")] = None,
+    save_activations: Annotated[Optional[str], typer.Option("--save-activations", help="Write activations (safetensors + manifest.json) to this folder.")] = None,
     save_hooks: Annotated[Optional[str], typer.Option("--save-hooks", help="Comma-separated hook-name globs to save (default: residual stream per layer).")] = None,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     **given,
 ) -> None:
     """Trace a prompt: residual stream, direct logit attribution, logit lens, and every analysis in the registry."""
+    report = _folder(report)
+    save_activations = _folder(save_activations, "--save-activations")
     from hexray.analysis.registry import analyses
     from hexray.analysis.report import AnalysisOptions, analyze
     from hexray.render.files import check_writable, write_report
@@ -163,8 +165,10 @@ def trace_command(
     options = _options(AnalysisOptions, given, residual=bool(given.get("residual")) or not asked)
     if prompts is not None:
         return _trace_dataset(prompts, options, model, device, dtype, json_out, report, save_activations)
-    if save_hooks and save_activations is None:
+    if save_hooks is not None and save_activations is None:
         raise HexRayError("--save-hooks needs --save-activations DIR")
+    if save_hooks is not None and not [p for p in save_hooks.split(",") if p.strip()]:
+        raise HexRayError("--save-hooks is empty", hint="give comma-separated hook-name globs, or drop it for the residual stream")
     for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
         if folder is not None:
             check_writable(folder, flag)
@@ -247,6 +251,15 @@ def _ablate_dataset(path: Path, components: str, refs, options, model, device, d
     _finish(json_out, report, document, lambda: dataset_files("Ablation over a prompt set", document), lambda c: render_dataset_ablation(result, c))
 
 
+def _folder(value: str | None, flag: str = "--report") -> Path | None:
+    """A folder option as a Path; an empty one is a mistake (it would mean the current directory)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise HexRayError(f"{flag} is empty", hint="name a folder, e.g. hexray-report")
+    return Path(value)
+
+
 def _one_source(**sources) -> None:
     """Exactly one of a prompt (or prompt pair) and --prompts FILE."""
     (single, single_value), (_, file) = list(sources.items())[0], list(sources.items())[-1]
@@ -310,6 +323,7 @@ def patch_command(
     **given,
 ) -> None:
     """Activation patching: which sites, patched from the clean run into the corrupt one, restore the behaviour."""
+    report = _folder(report)
     from hexray.intervene.patching import PatchOptions, activation_patching
     from hexray.render.files import check_writable, patching_files
     from hexray.render.jsondoc import patch_document
@@ -351,6 +365,7 @@ def ablate_command(
     **given,
 ) -> None:
     """Ablate components together and compare the next-token distribution before and after."""
+    report = _folder(report)
     from hexray.intervene.ablation import AblateOptions, ablate, parse_sites, read_reference_prompts
     from hexray.render.files import ablation_files, check_writable
     from hexray.render.jsondoc import ablation_document
@@ -390,6 +405,7 @@ def heads_command(
     **given,
 ) -> None:
     """Classify every attention head: previous-token, duplicate-token, induction, BOS/sink."""
+    report = _folder(report)
     from hexray.analysis.heads import HeadsOptions, classify_heads
     from hexray.render.files import check_writable, heads_files
     from hexray.render.jsondoc import heads_document
@@ -420,6 +436,7 @@ def generate_command(
     **given,
 ) -> None:
     """Generate while tracing every token: what wrote it, which steps it drew on, watched components."""
+    report = _folder(report)
     from hexray.generation.tracer import GenerationOptions, TracedGeneration
     from hexray.render.files import check_writable, generation_files, write_files
     from hexray.render.console import render_generation_summary, token_line
@@ -470,8 +487,14 @@ def serve_command(
     open_browser: Annotated[bool, typer.Option("--open", help="Open the lab in a web browser once the server is up.")] = False,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds a request may take (queueing included) before it answers 504.")] = 300.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest prompt, in tokens, the server takes.")] = 1024,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="A Host name besides 127.0.0.1/localhost the server answers to (repeatable; needed behind a name or on another address).")] = None,
 ) -> None:
-    """Serve the HexRay lab (web page, REST API and WebSockets) with the model loaded once."""
+    """Serve the HexRay lab (web page, REST API and WebSockets) with the model loaded once.
+
+    Only requests addressed to a loopback name (or an --allow-host one) are answered, and
+    WebSockets and POSTs from another site's pages are refused.
+    """
+    import math
     import socket
 
     import uvicorn
@@ -480,21 +503,23 @@ def serve_command(
 
     if not 0 < port < 65536:
         raise HexRayError(f"--port {port} is out of range", hint="use 1..65535")
-    if time_limit <= 0:
-        raise HexRayError(f"--time-limit must be positive, got {time_limit}")
+    if not math.isfinite(time_limit) or time_limit <= 0:
+        raise HexRayError(f"--time-limit must be a positive number of seconds, got {time_limit}")
     if max_tokens <= 0:
         raise HexRayError(f"--max-tokens must be positive, got {max_tokens}")
     try:  # a taken port fails now, before a model load of many seconds
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise HexRayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port") from None
+        in_use = getattr(exc, "errno", None) in (48, 98, 10048)  # EADDRINUSE on macOS, Linux, Windows
+        raise HexRayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port" if in_use else "check --host: an address of this machine, e.g. 127.0.0.1") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         _stderr().print(f"[bold yellow]warning:[/] binding to {escape(host)}: anyone who can reach this address can run the model", highlight=False)
     loaded = _load(model, False, device, dtype)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     _stderr().print(f"HexRay lab for {escape(loaded.name)} on {escape(url)}  (Ctrl-C stops it)", highlight=False)
-    app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens)
+    extra_hosts = tuple(allow_host or ()) + (() if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::") else (host,))
+    app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens, allowed_hosts=extra_hosts)
     if open_browser:
         import threading
 

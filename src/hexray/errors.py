@@ -60,6 +60,14 @@ def spell_indexed(field: str, flag_of: Callable[[str], str]) -> str:
     return f"{flag_of(m.group(1))} line {int(m.group(2)) + 1}" if m else flag_of(field)
 
 
+def check_text(text: str, field: str) -> None:
+    """A HexRayError when ``text`` cannot be encoded (a lone surrogate from a bad terminal or JSON ``\\ud800``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HexRayError(f"{{field}} is not valid Unicode text (a lone surrogate at character {exc.start})", hint="check the terminal's encoding, or remove the broken character", field=field) from None
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """A library exception's message cut to one line, for a HexRayError that wraps it."""
     text = str(exc).strip() or type(exc).__name__

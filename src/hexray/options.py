@@ -9,13 +9,14 @@ name the field (``top_k must be positive``); only the CLI spells a field as its 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, check_text
 
 _SAME = object()  # api_default: the same as default
 _REQUEST_NAMES: dict[str, str] = {}  # field -> API request field, where they differ (filled by options_class)
@@ -60,15 +61,24 @@ class Option:
             return
         if self.choices is not None and value not in self.choices:
             raise HexRayError(self.unknown.replace("{value!r}", repr(value)), hint=f"use {spoken_list(self.choices)}", field=self.name)
+        if isinstance(value, str):
+            check_text(value, self.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HexRayError(f"{{field}} must be a finite number, got {value}", field=self.name)
         if self.gt is not None and not value > self.gt:
             raise HexRayError(f"{{field}} must be {'positive' if self.gt == 0 else f'more than {self.gt:g}'}, got {value}", field=self.name)
-        between = f"{{field}} must be between {self.ge:g} and {self.le:g}, got {value}" if self.ge is not None and self.le is not None else None
+        ge, le = _bound(self.ge), _bound(self.le)
+        between = f"{{field}} must be between {ge} and {le}, got {value}" if self.ge is not None and self.le is not None else None
         if self.ge is not None and value < self.ge:
-            raise HexRayError(between or f"{{field}} must be >= {self.ge:g}, got {value}", field=self.name)
+            raise HexRayError(between or f"{{field}} must be >= {ge}, got {value}", field=self.name)
         if self.le is not None and value > self.le:
-            raise HexRayError(between or f"{{field}} must be <= {self.le:g}, got {value}", field=self.name)
+            raise HexRayError(between or f"{{field}} must be <= {le}, got {value}", field=self.name)
+
+
+def _bound(x: float | None) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}" if x is not None else ""
 
 
 def options_class(name: str, options: Sequence[Option], *, check: Callable[[Any], None] | None = None, doc: str = "") -> type:

@@ -175,7 +175,7 @@ def test_the_lab_analyses_gemma(gemma):
 
     from hexray.server.app import create_app
 
-    with TestClient(create_app(gemma, time_limit=120)) as client:
+    with TestClient(create_app(gemma, time_limit=120), base_url="http://127.0.0.1") as client:
         answer = client.post("/api/analyze", json={"prompt": IOI, "target": " Mary", "contrast": " John", "lens_window": 4})
     assert answer.status_code == 200, answer.text
     doc = answer.json()

@@ -148,7 +148,7 @@ def test_prompt_and_prompts_together_is_an_error(cli, tmp_path):
 
 def test_api_sets(tiny_llama):
     target, contrast = _tokens(tiny_llama)
-    with TestClient(create_app(tiny_llama, time_limit=60)) as client:
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as client:
         r = client.post("/api/analyze/set", json={"prompts": PROMPTS, "granularity": "layer"})
         assert r.status_code == 200, r.text
         expected = dataset_attribution(tiny_llama, [{"prompt": p} for p in PROMPTS], AnalysisOptions(granularity="layer"))

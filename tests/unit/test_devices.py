@@ -79,5 +79,5 @@ def test_health_reports_the_device_and_dtype(tiny_llama):
 
     from hexray.server.app import create_app
 
-    body = TestClient(create_app(tiny_llama)).get("/api/health").json()
+    body = TestClient(create_app(tiny_llama), base_url="http://127.0.0.1").get("/api/health").json()
     assert body["device"] == "cpu" and body["dtype"] == "float32"

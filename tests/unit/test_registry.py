@@ -89,7 +89,7 @@ def test_every_analysis_reaches_json_report_console_and_lab(everything, analysis
 
 
 def test_the_api_lists_the_registry_and_runs_everything_the_cli_can(tiny_llama):
-    with TestClient(create_app(tiny_llama, time_limit=60)) as client:
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as client:
         listed = client.get("/api/analyses").json()["analyses"]
         assert [a["name"] for a in listed] == [a.name for a in analyses()]
         body = {"prompt": PROMPT, "granularity": "layer"}
@@ -123,7 +123,7 @@ def test_errors_name_the_field_the_cli_spells_the_flag_and_the_api_its_request_f
     assert r.code == 2 and "unknown sweep 'bogus'" in r.err
     r = cli(tiny_llama, "trace", "--prompt", "The cat sat", "--token-index", "9")
     assert r.code == 2 and "--token-index 9 is out of range" in r.err
-    with TestClient(create_app(tiny_llama, time_limit=60)) as client:
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as client:
         doc = client.post("/api/patch", json={"clean": "The cat sat", "corrupt": "The dog ran", "sweep": ""}).json()
         assert doc["field"] == "sweep" and doc["error"] == "sweep is empty", doc  # the request's name, not the option's (sweeps)
         doc = client.post("/api/analyze", json={"prompt": "The cat sat", "token_index": 9}).json()

@@ -31,7 +31,7 @@ ROLES = {"induction", "duplicate_token", "previous_token", "bos"}
 @pytest.fixture(scope="module")
 def client(tiny_llama):
     # a time limit well above any request here, so a socket that never finishes still ends the test
-    with TestClient(create_app(tiny_llama, time_limit=60)) as c:
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -75,7 +75,7 @@ def test_health(client, tiny_llama):
 
 
 def test_health_defaults(tiny_llama):
-    body = TestClient(create_app(tiny_llama)).get("/api/health").json()
+    body = TestClient(create_app(tiny_llama), base_url="http://127.0.0.1").get("/api/health").json()
     assert (body["max_tokens"], body["time_limit"], body["busy"], body["queued"]) == (1024, 300, False, 0)
 
 
@@ -127,7 +127,7 @@ def test_patch_ablate_heads_generate(client, tiny_llama):
 
 
 def test_websocket_streams_tokens_then_done(client):
-    with client.websocket_connect("/ws/generate") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": 3}))
         messages = [ws.receive_json() for _ in range(4)]
     assert [m["type"] for m in messages] == ["token", "token", "token", "done"]
@@ -167,7 +167,7 @@ def test_bad_requests_answer_422_with_a_message(client, path, body, needle):
 
 
 def test_websocket_bad_request_is_an_error_message(client):
-    with client.websocket_connect("/ws/generate") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": 0}))
         message = ws.receive_json()
     assert message["type"] == "error" and message["status"] == 422
@@ -304,7 +304,7 @@ def test_attention_tokens_come_back_as_data(client):
 def test_ws_analyze_streams_layers_then_the_post_document(client, tiny_llama):
     spec = tiny_llama.spec
     request = {"prompt": CLEAN, "granularity": "head", "predictions_k": 3}
-    with client.websocket_connect("/ws/analyze") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
         messages = _stream(ws, request)
     assert [m["type"] for m in messages] == ["layer"] * spec.n_layers + ["done"]
     done = _without_type(messages[-1])
@@ -338,7 +338,7 @@ def test_ws_analyze_streams_layers_then_the_post_document(client, tiny_llama):
     ],
 )
 def test_ws_bad_request_is_one_error_message(client, path, request_, needle):
-    with client.websocket_connect(path) as ws:
+    with client.websocket_connect("ws://127.0.0.1" + path) as ws:
         ws.send_text(request_ if isinstance(request_, str) else json.dumps(request_))
         message = ws.receive_json()
         closing = ws.receive()
@@ -351,7 +351,7 @@ def test_ws_patch_reports_progress_then_the_post_document(client, tiny_llama):
     spec = tiny_llama.spec
     tokens = _one_token(tiny_llama)
     request = {"clean": CLEAN, "corrupt": CORRUPT, "target": tokens[0], "contrast": tokens[1], "sweep": "heads", "batch_size": 3}
-    with client.websocket_connect("/ws/patch") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/patch") as ws:
         messages = _stream(ws, request)
     types = [m["type"] for m in messages]
     assert types[-1] == "done" and set(types[:-1]) == {"progress"}, types
@@ -382,7 +382,7 @@ def _prefix_of_length(model, text: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def small_client(tiny_llama):
-    with TestClient(create_app(tiny_llama, max_tokens=8, time_limit=60)) as c:
+    with TestClient(create_app(tiny_llama, max_tokens=8, time_limit=60), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -406,7 +406,7 @@ def test_max_tokens_bounds_every_prompt(small_client, tiny_llama):
         r = small_client.post(path, json=body)
         assert r.status_code == 422 and r.json()["error"].startswith(field) and "at most 8" in r.json()["error"], (path, r.text)
 
-    with small_client.websocket_connect("/ws/generate") as ws:
+    with small_client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         messages = _stream(ws, {"prompt": CLEAN, "max_new_tokens": 2})
     assert len(messages) == 1
     message = messages[0]
@@ -421,7 +421,7 @@ def test_max_tokens_takes_a_prompt_of_exactly_the_limit(small_client, tiny_llama
     assert len(r.json()["tokens"]) == 8
     r = small_client.post("/api/analyze", json={"prompt": nine})
     assert r.status_code == 422 and "9 tokens" in r.json()["error"], r.text
-    with small_client.websocket_connect("/ws/generate") as ws:
+    with small_client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         messages = _stream(ws, {"prompt": "The cat", "max_new_tokens": 2})
     assert [m["type"] for m in messages] == ["token", "token", "done"]
 
@@ -448,7 +448,7 @@ def _slow_token_docs(monkeypatch, seconds: float) -> list:
 def test_closing_the_socket_cancels_generation(client, tiny_llama, monkeypatch):
     made = _slow_token_docs(monkeypatch, 0.02)
     max_new = tiny_llama.spec.n_ctx - len(tiny_llama.encode("The cat"))  # as many as the context allows
-    with client.websocket_connect("/ws/generate") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": max_new}))
         assert [ws.receive_json()["type"] for _ in range(2)] == ["token", "token"]
     # leaving the block closed the socket: the model is free for the next request
@@ -505,7 +505,7 @@ def slow_steps(monkeypatch):
 @pytest.fixture(scope="module")
 def hasty_client(tiny_llama):
     # 2 s: far above a small request (even a cold one), far below the slowed sweep below
-    with TestClient(create_app(tiny_llama, time_limit=2)) as c:
+    with TestClient(create_app(tiny_llama, time_limit=2), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -529,13 +529,13 @@ def test_time_limit_answers_504_and_frees_the_model(hasty_client, tiny_llama, sl
 
 
 def test_ws_time_limit_is_an_error_message_and_frees_the_model(hasty_client, tiny_llama, slow_steps):
-    with hasty_client.websocket_connect("/ws/patch") as ws:
+    with hasty_client.websocket_connect("ws://127.0.0.1/ws/patch") as ws:
         messages = _stream(ws, _patch_everything(tiny_llama))
     assert messages[-1]["type"] == "error" and messages[-1]["status"] == 504 and "longer than 2 s" in messages[-1]["error"]
     assert {m["type"] for m in messages[:-1]} <= {"progress"}
     health = _health_until(hasty_client, lambda h: not h["busy"])
     assert health["busy"] is False and 0 < len(slow_steps) < 100
-    with hasty_client.websocket_connect("/ws/generate") as ws:
+    with hasty_client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         messages = _stream(ws, {"prompt": "The cat", "max_new_tokens": 1})
     assert [m["type"] for m in messages] == ["token", "done"]
 
@@ -553,7 +553,7 @@ def test_serve_rejects_a_bad_port_before_loading(cli):
 def test_a_close_frame_from_the_client_cancels_the_work(client, tiny_llama, monkeypatch):
     made = _slow_token_docs(monkeypatch, 0.02)
     max_new = 20
-    with client.websocket_connect("/ws/generate") as ws:
+    with client.websocket_connect("ws://127.0.0.1/ws/generate") as ws:
         ws.send_text(json.dumps({"prompt": "The cat", "max_new_tokens": max_new}))
         assert [ws.receive_json()["type"] for _ in range(2)] == ["token", "token"]
         ws.close()  # the client says goodbye; TestClient only cancels the app task when the block ends
@@ -569,8 +569,8 @@ def test_ws_unexpected_failure_is_a_prompt_500_message(tiny_llama, monkeypatch):
 
     monkeypatch.setattr(app_module, "_analysis", broken)
     messages = []
-    with TestClient(create_app(tiny_llama, time_limit=1)) as c:
-        with c.websocket_connect("/ws/analyze") as ws:
+    with TestClient(create_app(tiny_llama, time_limit=1), base_url="http://127.0.0.1") as c:
+        with c.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
             messages = _stream(ws, {"prompt": "The cat"})
     assert messages and messages[-1]["type"] == "error" and messages[-1]["status"] == 500, messages
 

@@ -23,13 +23,13 @@ from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.options import Option, options_class
 from hexray.tracing import sites
-from hexray.tracing.engine import capture, tokenize_prompt
+from hexray.tracing.engine import capture, rows_per_chunk, tokenize_prompt
 
 HEADS_OPTIONS: tuple[Option, ...] = (
     Option("threshold", float, 0.4, "Minimum score for a head to get a role label.", ge=0, le=1),
     Option("seq_len", int, 25, "Length of each random sequence (repeated once) for the induction score (2 to half the context).", api_le=512),
     Option("n_sequences", int, 4, "Random sequences to average the induction score over.", flag="--sequences", api_name="sequences", gt=0, api_le=32),
-    Option("seed", int, 0, "Seed for the random sequences."),
+    Option("seed", int, 0, "Seed for the random sequences.", ge=0, le=2**63 - 1),
     Option("top_k", int, 5, "Heads listed per role.", short="-k", gt=0, api=False),
     Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
 )
@@ -180,8 +180,12 @@ def _prompt_role_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[st
 def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int, n_sequences: int, seed: int) -> np.ndarray:
     """Induction scores [layers, heads], averaged over repeated random sequences."""
     random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
-    random_patterns = _patterns(model, random_ids, layers)  # [seqs, layers, heads, q, k]
-    per_seq = [role_scores(random_patterns[i], detection_patterns(random_ids[i])["induction"])[0] for i in range(n_sequences)]
+    layers = range(model.spec.n_layers) if layers is None else layers
+    chunk = rows_per_chunk(model, 2 * seq_len, [sites.attn_pattern(layer) for layer in layers])
+    per_seq = []
+    for lo in range(0, n_sequences, chunk):  # a chunk's patterns at a time: [seqs, layers, heads, q, k]
+        random_patterns = _patterns(model, random_ids[lo : lo + chunk], layers)
+        per_seq += [role_scores(p, detection_patterns(ids)["induction"])[0] for p, ids in zip(random_patterns, random_ids[lo : lo + chunk])]
     return torch.stack(per_seq).mean(0).cpu().numpy()
 
 

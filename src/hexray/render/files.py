@@ -23,6 +23,8 @@ def check_writable(folder: str | Path, flag: str = "--report") -> Path:
 
     Probes by creating the folder and a file in it, then removes whatever the probe created.
     """
+    if not str(folder).strip():
+        raise HexRayError(f"{flag} is empty", hint="name a folder, e.g. hexray-report")
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise HexRayError(f"{flag} {folder} exists and is not a folder")
@@ -56,12 +58,25 @@ def write_report(folder: str | Path, report: Report, document: dict) -> list[Pat
     return write_files(folder, files)
 
 
+def _previous_report(folder: Path) -> set[str]:
+    """The files an earlier HexRay report left in ``folder``: its kinds of file, where its ``hexray.json`` is."""
+    if not (folder / "hexray.json").is_file():
+        return set()
+    return {p.name for p in folder.iterdir() if p.is_file() and (p.name in ("hexray.json", "index.html") or p.suffix in (".png", ".svg"))}
+
+
 def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
     """Write ``files`` (name -> bytes) into ``folder`` all at once: stage them, then move each in.
 
-    Everything is rendered before this is called, so a failure leaves no half-written report.
+    Everything is rendered before this is called, so a failure leaves no half-written report. A
+    file HexRay did not write is never overwritten, and an earlier report's files that this one
+    does not have are removed, so no stale figure sits beside the new ``hexray.json``.
     """
     folder = check_writable(folder)
+    previous = _previous_report(folder) or set()
+    foreign = sorted(name for name in files if (folder / name).exists() and name not in previous)
+    if foreign:
+        raise HexRayError(f"--report {folder} already holds {', '.join(foreign[:3])}, which HexRay did not write", hint="choose an empty or new folder, or move those files away")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".hexray-partial-", dir=folder))
@@ -69,11 +84,17 @@ def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
         raise HexRayError(f"cannot write --report folder {folder}: {exc.strerror}") from exc
     try:
         for name, data in files.items():
-            (staging / name).write_bytes(data)
+            try:
+                (staging / name).write_bytes(data)
+            except OSError as exc:
+                raise HexRayError(f"cannot write {name} in --report {folder}: {exc.strerror}", hint="choose a shorter name or another folder") from None
         written = []
         for name in files:
             os.replace(staging / name, folder / name)
             written.append(folder / name)
+        for stale in previous - set(files):
+            with contextlib.suppress(OSError):
+                (folder / stale).unlink()
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,11 +21,13 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, check_text
 from hexray.models.loading import LoadedModel
 from hexray.render import jsondoc
+from hexray.tracing.engine import cancellable
 from hexray.server import schemas
 
 STATIC = resources.files("hexray.server") / "static"
@@ -53,32 +55,126 @@ class Job:
             raise Cancelled
 
 
-def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int = 1024) -> FastAPI:
+class ModelQueue:
+    """One job at a time on the model, first come first served.
+
+    A job's turn starts when it reaches the head of the queue and ends when its worker thread
+    ends, not when its client stops waiting: a job past its deadline is told to stop (its forward
+    passes check at every block) and the next job starts once it has.
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
+        self.waiting = 0  # jobs queued for their turn (every one of them: counted here, not in a thread pool)
+        self.busy = False
+
+    async def run(self, job: Job, work: Callable[[Job], dict], deadline: float) -> dict:
+        loop = asyncio.get_running_loop()
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._lock.acquire(), timeout=max(deadline - loop.time(), 0.001))
+        finally:
+            self.waiting -= 1
+        self.busy = True
+        thread = asyncio.ensure_future(asyncio.to_thread(self._turn, job, work))
+        thread.add_done_callback(self._release)
+        try:
+            return await asyncio.wait_for(asyncio.shield(thread), timeout=max(deadline - loop.time(), 0.001))
+        except BaseException:
+            job.stop.set()  # a deadline or a cancelled caller: the thread stops at its next block
+            raise
+
+    @staticmethod
+    def _turn(job: Job, work: Callable[[Job], dict]) -> dict:
+        job.check()  # the client may have left while this job waited its turn
+        with cancellable(job.check):
+            return work(job)
+
+    def _release(self, thread: asyncio.Future) -> None:
+        if not thread.cancelled():
+            thread.exception()  # retrieved here, so an abandoned job's error is not reported as unhandled
+        self.busy = False
+        self._lock.release()
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_BODY_BYTES = 2_000_000  # a request body; the largest valid request (256 prompts of 20k chars) is smaller
+
+
+class Guard:
+    """ASGI middleware: only the local user drives the server, and no request is unbounded.
+
+    - ``Host`` must be a loopback name or address, or one given with ``--allow-host`` (DNS rebinding);
+    - a WebSocket, or a POST, whose ``Origin`` is not this server's is refused (another page in the
+      user's browser must not read results or queue work);
+    - a body over :data:`MAX_BODY_BYTES` answers 413 before it is read in full.
+    """
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...]):
+        self.app, self.allowed = app, {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = _hostname(headers.get("host", ""))
+        refusal = None
+        if host not in self.allowed:
+            refusal = (421 if scope["type"] == "http" else 1008, f"Host {host or '(none)'!r} is not this server's", "open the lab at http://127.0.0.1:PORT/, or restart with --allow-host NAME")
+        elif "origin" in headers and (scope["type"] == "websocket" or scope.get("method") not in ("GET", "HEAD", "OPTIONS")):
+            origin = headers["origin"]
+            if origin == "null" or _hostname(origin.split("://", 1)[-1]) not in self.allowed:
+                refusal = (403 if scope["type"] == "http" else 1008, f"requests from another site ({origin[:80]}) are refused", "use the lab this server serves")
+        if refusal is not None:
+            status, message, hint = refusal
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                return await send({"type": "websocket.close", "code": status, "reason": message[:120]})
+            return await _answer(send, status if status != 421 else 421, {"ok": False, "error": message, "hint": hint, "status": status})
+        if scope["type"] == "http" and int(headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return await _answer(send, 413, {"ok": False, "error": f"the request body is over {MAX_BODY_BYTES // 1_000_000} MB", "hint": "send less", "status": 413})
+        seen = [0]
+
+        async def bounded_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > MAX_BODY_BYTES:
+                    raise HexRayError(f"the request body is over {MAX_BODY_BYTES // 1_000_000} MB", hint="send less", http_status=413)
+            return message
+
+        return await self.app(scope, bounded_receive if scope["type"] == "http" else receive, send)
+
+
+def _hostname(netloc: str) -> str:
+    """``127.0.0.1:8000`` -> ``127.0.0.1``; ``[::1]:8000`` -> ``::1``; lower-cased."""
+    netloc = netloc.strip().lower().split("/", 1)[0]
+    if netloc.startswith("["):
+        return netloc[1:].split("]", 1)[0]
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+async def _answer(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int = 1024, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
     """The lab serving ``model`` (already loaded; the server loads it once).
 
     ``max_tokens`` bounds every prompt the server takes (the page stays responsive and the
-    patching batch stays in memory); ``time_limit`` bounds each request's seconds.
+    patching batch stays in memory); ``time_limit`` bounds each request's seconds;
+    ``allowed_hosts`` are names besides the loopback ones that ``Host`` may carry.
     """
     # no /docs or /redoc: their pages load scripts from a CDN, and the lab runs offline
     AnalyzeRequest, AttentionRequest, PatchRequest = schemas.AnalyzeRequest, schemas.AttentionRequest, schemas.PatchRequest
     AblateRequest, HeadsRequest, GenerateRequest = schemas.AblateRequest, schemas.HeadsRequest, schemas.GenerateRequest
     app = FastAPI(title="HexRay", version="0.1.0", description="A debugger for transformer language models.", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # the model serves one job at a time
-    waiting = [0]  # jobs queued behind the lock (read by /api/health)
-
-    def locked(job: Job, work: Callable[[Job], dict]) -> dict:
-        waiting[0] += 1
-        try:
-            lock.acquire()
-        finally:
-            waiting[0] -= 1
-        try:
-            job.check()  # the client may have left while this job waited its turn
-            return work(job)
-        finally:
-            lock.release()
-
+    turns = ModelQueue()  # the model serves one job at a time, first come first served
     def check_length(text: str | None, field: str) -> None:
+        if text is not None:
+            check_text(text, field)  # before the tokenizer sees it
         n = 0 if text is None else len(model.encode(text))
         if n > max_tokens:
             raise HexRayError(f"{field} is {n} tokens; this server takes at most {max_tokens}", hint="shorten it, or restart with a larger --max-tokens")
@@ -96,12 +192,12 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
                 check_length(text, f"rows[{i}].{key}")
 
     async def on_model(req: BaseModel, work: Callable[[Job], dict]) -> dict:
-        check_request(req)
-        job = Job()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit
+        await asyncio.to_thread(check_request, req)  # tokenizing a long text must not hold the event loop
         try:
-            return await asyncio.wait_for(asyncio.to_thread(locked, job, work), timeout=time_limit)
+            return await turns.run(Job(), work, deadline)
         except TimeoutError:
-            job.stop.set()
             raise _timeout() from None
 
     def _timeout() -> HexRayError:
@@ -110,9 +206,16 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     async def stream(ws: WebSocket, request_type: type[BaseModel], work: Callable[[BaseModel, Job], dict]) -> None:
         """Read one request, run ``work`` on it, forward its messages, end with ``done`` or ``error``."""
         await ws.accept()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit
         try:
-            req = request_type.model_validate_json(await ws.receive_text())
-            check_request(req)
+            first = await ws.receive()
+            if first["type"] == "websocket.disconnect":
+                return
+            if first.get("text") is None:
+                raise HexRayError("the request must be a JSON text frame, not binary", hint='send e.g. {"prompt": "..."} as text')
+            req = request_type.model_validate_json(first["text"])
+            await asyncio.to_thread(check_request, req)
         except WebSocketDisconnect:
             return
         except HexRayError as exc:
@@ -121,24 +224,25 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         except ValueError as exc:  # pydantic's ValidationError
             await _send_last(ws, {"type": "error", "ok": False, "error": _first_error(exc), "hint": None, "status": 422})
             return
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(lambda m: loop.call_soon_threadsafe(queue.put_nowait, m))
 
-        def run() -> None:
+        async def run() -> None:
             try:
-                done = locked(job, lambda j: work(req, j))
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "done", **done})
-            except Cancelled:
+                done = await turns.run(job, lambda j: work(req, j), deadline)
+                queue.put_nowait({"type": "done", **done})
+            except (Cancelled, asyncio.CancelledError):
                 pass
+            except TimeoutError:
+                queue.put_nowait({"type": "error", **_timeout().to_dict()})
             except HexRayError as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", **_error_doc(exc)})
+                queue.put_nowait({"type": "error", **_error_doc(exc)})
             except Exception as exc:  # a HexRay bug: say so now, not at the time limit
                 log.exception("websocket job failed")
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "hint": None, "status": 500})
+                queue.put_nowait({"type": "error", "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "hint": None, "status": 500})
 
         async def watch_close() -> None:
-            """The client's close frame stops the work at its next step, even while nothing is sent."""
+            """The client's close frame stops the work at its next block, even while nothing is sent."""
             try:
                 while (await ws.receive())["type"] != "websocket.disconnect":
                     pass
@@ -147,14 +251,13 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             job.stop.set()
             queue.put_nowait(None)
 
-        task = asyncio.create_task(asyncio.to_thread(run))
+        task = asyncio.create_task(run())
         watcher = asyncio.create_task(watch_close())
-        deadline = loop.time() + time_limit
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(queue.get(), timeout=max(deadline - loop.time(), 0.001))
-                except TimeoutError:
+                    message = await asyncio.wait_for(queue.get(), timeout=max(deadline - loop.time(), 0.001) + 1.0)
+                except TimeoutError:  # the turn's own deadline answers first; this is a backstop
                     job.stop.set()
                     message = {"type": "error", **_timeout().to_dict()}
                 if message is None:  # the client left: nothing more to send
@@ -167,12 +270,18 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             pass
         finally:
             watcher.cancel()
-            job.stop.set()  # a closed socket cancels the work at its next step
-            await task
+            job.stop.set()  # a closed socket cancels the work at its next block
+            task.cancel()
 
     @app.exception_handler(HexRayError)
     async def hexray_error(_: Request, exc: HexRayError) -> JSONResponse:
         return JSONResponse(_error_doc(exc), status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """404, 405, 400 (a body that is not JSON) and the like, in the one error shape."""
+        hints = {404: "GET /api lists the endpoints", 405: "GET /api lists each endpoint's method", 400: "send a JSON body with Content-Type: application/json"}
+        return JSONResponse({"ok": False, "error": str(exc.detail)[:200], "hint": hints.get(exc.status_code), "status": exc.status_code}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -191,8 +300,8 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
     @app.get("/api/health")
     async def health() -> dict:
-        return {"ok": True, "model": model.name, "model_info": jsondoc.model_info(model.spec), "busy": lock.locked(),
-                "queued": waiting[0], "max_tokens": max_tokens, "time_limit": time_limit,
+        return {"ok": True, "model": model.name, "model_info": jsondoc.model_info(model.spec), "busy": turns.busy,
+                "queued": turns.waiting, "max_tokens": max_tokens, "time_limit": time_limit,
                 "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
 
     @app.post("/api/analyze")
@@ -330,6 +439,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
 
         await stream(ws, GenerateRequest, work)
 
+    app.add_middleware(Guard, allowed_hosts=LOOPBACK_HOSTS + tuple(allowed_hosts))
     return app
 
 

@@ -22,7 +22,7 @@ import torch
 
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
-from hexray.tracing.engine import rows_per_chunk
+from hexray.tracing.engine import rows_per_chunk, stop_hooks
 from hexray.tracing.sites import parse_hook
 
 
@@ -94,7 +94,8 @@ def run_variants(
     out = torch.empty(n, model.spec.d_model, device=model.device)
     if n == 0:
         return out
-    size = batch_size or rows_per_chunk(model, len(token_ids))
+    fits = rows_per_chunk(model, len(token_ids))
+    size = min(batch_size, fits) if batch_size else fits  # a larger batch_size never passes the memory budget
     order = sorted(range(n), key=lambda i: start_layer(variants[i]))  # chunks of neighbouring start layers
     tokens = torch.tensor([list(token_ids)], device=model.device)
     done = 0
@@ -169,7 +170,7 @@ def _run_chunk(model: LoadedModel, tokens: torch.Tensor, chunk: list[Variant], r
         fwd_hooks.append((hook, make_hook(hook, layer, grow, hook == final)))
     with torch.inference_mode():
         try:
-            model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, use_cache=False)
+            model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks + stop_hooks(model), use_cache=False)
         except _Done as stop:
             return stop.args[0].float()
     raise RuntimeError("the read-out hook never fired")  # a HexRay bug

@@ -14,16 +14,53 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 
-from hexray.errors import HexRayError
+from hexray.errors import HexRayError, check_text
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
 from hexray.tracing.sites import Hook, parse_hook
 
 DEFAULT_MEMORY_BUDGET = 1.5e9  # bytes of activations per chunk of a batch
+
+_stop_check: ContextVar[Callable[[], None] | None] = ContextVar("hexray_stop_check", default=None)
+
+
+@contextmanager
+def cancellable(check: Callable[[], None]):
+    """Within this block every forward pass calls ``check()`` before each block; whatever it raises stops the pass.
+
+    The server passes its job's stop check, so a time limit or a closed socket frees the model
+    within one block of one forward pass, not at the end of the request.
+    """
+    token = _stop_check.set(check)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
+
+
+def stop_hooks(model: LoadedModel) -> list[tuple[Hook, Callable]]:
+    """Hooks that call the current stop check before every block (none outside :func:`cancellable`)."""
+    check = _stop_check.get()
+    if check is None:
+        return []
+
+    def before_block(x, hook=None):
+        check()
+
+    return [(sites.resid_pre(layer), before_block) for layer in range(model.spec.n_layers)]
+
+
+def check_stop() -> None:
+    """Between forward passes: the current stop check, if any."""
+    check = _stop_check.get()
+    if check is not None:
+        check()
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,7 @@ def tokenize_prompt(model: LoadedModel, prompt: str, *, prepend_bos: bool | None
     """Token ids (and character spans) for ``prompt``, with the user-facing checks."""
     if not prompt or not prompt.strip():
         raise HexRayError("{field}: the prompt is empty", hint="give {field} some text", field=field_name)
+    check_text(prompt, field_name)
     ids, offsets = model.encode_with_offsets(prompt, prepend_bos=prepend_bos)
     if not ids:
         raise HexRayError("{field}: the prompt produced no tokens", hint="give {field} some text", field=field_name)
@@ -105,7 +143,9 @@ def capture(
     width = max(lengths)
     tokens = torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in batch], device=model.device)
     stop = stop_after_layer + 1 if stop_after_layer is not None and stop_after_layer + 1 < model.spec.n_layers else None
-    with torch.inference_mode():
+    check_fits(model, width, wanted, rows=1)
+    stops = stop_hooks(model)
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=stops) if stops else nullcontext():
         out, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name in wanted, stop_at_layer=stop)
     acts = []
     for row, n in enumerate(lengths):
@@ -119,13 +159,43 @@ def _trim(hook: Hook, act: torch.Tensor, n: int) -> torch.Tensor:
     return act[:, :n, :n] if hook.point == "pattern" else act[:n]
 
 
-def rows_per_chunk(model: LoadedModel, n_tokens: int, hooks: Iterable[str] = (), budget: float = DEFAULT_MEMORY_BUDGET) -> int:
-    """How many rows of ``n_tokens`` fit ``budget`` bytes: the forward's transient activations plus the cached ``hooks``."""
+def row_bytes(model: LoadedModel, n_tokens: int, hooks: Iterable[str] = ()) -> int:
+    """Bytes one row of ``n_tokens`` needs: the forward's transient activations plus the cached ``hooks``."""
     s = model.spec
     per_token = 4 * (8 * s.d_model + 4 * s.d_mlp + 3 * s.n_heads * n_tokens + 4 * s.n_heads * s.d_head)
     widths = {"z": s.n_heads * s.d_head, "v": s.n_kv_heads * s.d_head, "pattern": s.n_heads * n_tokens, "mlp_post": s.d_mlp}
     cached = sum(4 * widths.get(parse_hook(h).point, s.d_model) for h in hooks)
-    return int(max(1, min(1024, budget // ((per_token + cached) * n_tokens))))
+    return (per_token + cached) * n_tokens
+
+
+def memory_budget() -> float:
+    """Bytes of activations one chunk of a batch may take: ``HEXRAY_MEMORY_BUDGET`` (e.g. ``4e9``), else 1.5 GB."""
+    import os
+
+    try:
+        return float(os.environ.get("HEXRAY_MEMORY_BUDGET") or DEFAULT_MEMORY_BUDGET)
+    except ValueError:
+        raise HexRayError(f"HEXRAY_MEMORY_BUDGET={os.environ['HEXRAY_MEMORY_BUDGET']!r} is not a number of bytes", hint="e.g. 4e9") from None
+
+
+def rows_per_chunk(model: LoadedModel, n_tokens: int, hooks: Iterable[str] = (), budget: float | None = None) -> int:
+    """How many rows of ``n_tokens`` fit ``budget`` bytes (default :func:`memory_budget`); at least one."""
+    budget = memory_budget() if budget is None else budget
+    return int(max(1, min(1024, budget // row_bytes(model, n_tokens, hooks))))
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_fits(model: LoadedModel, n_tokens: int, hooks: Iterable[str] = (), *, rows: int = 1) -> None:
+    """A HexRayError (413) before any work when even ``rows`` rows cannot fit the memory budget."""
+    need, budget = rows * row_bytes(model, n_tokens, hooks), memory_budget()
+    if need > budget:
+        raise HexRayError(
+            f"this request needs about {_bytes(need)} of activations, over the {_bytes(budget)} budget",
+            hint="ask for less (a shorter prompt, fewer or shorter sequences), or raise HEXRAY_MEMORY_BUDGET", http_status=413,
+        )
 
 
 def trace_prompts(
@@ -188,7 +258,7 @@ def run_with_gradients(
 
     with torch.enable_grad():
         tokens = torch.tensor([list(token_ids)], device=model.device)
-        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})], use_cache=False)
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})] + stop_hooks(model), use_cache=False)
         grads = torch.autograd.grad(metric(logits[0]), [acts[n] for n in wanted])
     return (
         logits[0].detach().float(),
@@ -243,7 +313,7 @@ class IncrementalRun:
 
         with torch.inference_mode():
             logits = self.model.bridge.run_with_hooks(
-                tokens.to(self.model.device), fwd_hooks=[(h, keeper(h)) for h in {parse_hook(h) for h in hooks}],
+                tokens.to(self.model.device), fwd_hooks=[(h, keeper(h)) for h in {parse_hook(h) for h in hooks}] + stop_hooks(self.model),
                 return_type="logits", use_cache=True, **{self._cache_kwarg: self.cache},
             )
         self.n_tokens += new
