@@ -9,6 +9,13 @@ Starts a real `hexray serve` on 127.0.0.1 (a free port, HF_HUB_OFFLINE=1), waits
 (c) health during a long sweep: a POST /api/patch (IOI clean/corrupt, exact) runs in the background
     while GET /api/health is polled every 50 ms; polls, how many said busy, health latency, sweep time.
 
+(d) limits that stop work: on a second server with --time-limit 3, a long sweep answers 504; how long
+    until /api/health says the model is free. Then the same sweep over /ws/patch, the socket closed
+    after 2 s: how long until the model is free;
+(e) the worst request the schema allows for memory, POST /api/heads {"seq_len": 512, "sequences": 32}
+    (the induction data is 32 x 1024 tokens with every layer's patterns): the server's peak RSS
+    (VmHWM) before and after, against the 1.5 GB activation budget.
+
 The model serves one request at a time, so (b)'s latencies are mostly queueing; (c) shows whether the
 event loop stays free while the model works. Every figure is measured once in this run; nothing is
 asserted about timings. The exit code is 1 when the server does not start or an answer is wrong or
@@ -74,6 +81,7 @@ class Server:
         if model:
             cmd += ["--model", model]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / "server.stderr"
         self.stdout_path = log_dir / "server.stdout"
         # files, not pipes: nobody reads a pipe while the benchmark runs, and a full pipe would block the server
@@ -236,6 +244,51 @@ def sweep_phase(url: str, sweep: str, timeout: float) -> dict:
             "health_errors": errors, "health_latency_s": stats(latencies)}
 
 
+def until_free(client: httpx.Client, url: str, since: float, limit: float = 60.0) -> float:
+    """Seconds from ``since`` until /api/health says the model is no longer busy."""
+    while time.perf_counter() - since < limit:
+        if not client.get(f"{url}/api/health").json()["busy"]:
+            return time.perf_counter() - since
+        time.sleep(0.02)
+    return float("nan")
+
+
+def stop_phase(url: str) -> dict:
+    """(d): a 504, then a closed socket, each during a long sweep; seconds until the model is free."""
+    import websockets.sync.client as ws_client
+
+    body = {"clean": IOI, "corrupt": IOI_CORRUPT, "sweep": "heads-pos,resid,attn,mlp", "method": "exact"}
+    with httpx.Client(timeout=120.0) as client:
+        start = time.perf_counter()
+        r = client.post(f"{url}/api/patch", json=body)
+        answered = time.perf_counter()
+        after_504 = until_free(client, url, answered)
+        with ws_client.connect(url.replace("http", "ws") + "/ws/patch", origin=url) as ws:
+            ws.send(json.dumps(body))
+            time.sleep(2.0)
+            busy = client.get(f"{url}/api/health").json()["busy"]
+        closed = time.perf_counter()
+        after_close = until_free(client, url, closed)
+    return {"status": r.status_code, "answered_after_s": answered - start, "free_after_504_s": after_504, "busy_before_close": busy, "free_after_close_s": after_close}
+
+
+def peak_rss(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) * 1024
+    return float("nan")
+
+
+def memory_phase(url: str, pid: int, timeout: float) -> dict:
+    """(e): the worst request for memory the schema allows; the server's peak RSS before and after."""
+    before = peak_rss(pid)
+    with httpx.Client(timeout=timeout) as client:
+        start = time.perf_counter()
+        r = client.post(f"{url}/api/heads", json={"seq_len": 512, "sequences": 32})
+    return {"status": r.status_code, "seconds": time.perf_counter() - start, "peak_before": before, "peak_after": peak_rss(pid)}
+
+
 def ms(x: float | None) -> str:
     return "    -" if x is None or x != x else f"{x * 1000:7.1f} ms"
 
@@ -262,12 +315,21 @@ def main() -> int:
             single = single_request(server.url, args.time_limit)
             load = load_phase(server.url, per_client, args.time_limit)
             sweeping = sweep_phase(server.url, sweep, args.time_limit)
+            memory = None if args.quick else memory_phase(server.url, server.proc.pid, args.time_limit)
         except KeyboardInterrupt:
             server.stop()
             raise
         finally:
             server.stop()
         server_errors = [line for line in tail(server.stderr_path, 200).splitlines() if "Traceback" in line or "ERROR" in line]
+        stopping = None
+        if not args.quick:
+            limited = Server(args.model, 3.0, Path(tmp) / "limited")
+            try:
+                limited.wait_ready(args.startup_timeout)
+                stopping = stop_phase(limited.url)
+            finally:
+                limited.stop()
 
     alone = single["timed"]
     lat = load["latency_s"]
@@ -288,12 +350,19 @@ def main() -> int:
           + (f", error: {sweeping['error']}" if sweeping["error"] else ""))
     print(f"    health polls: {sweeping['polls']} (busy=true: {sweeping['busy']}, failed: {sweeping['health_errors']}); "
           f"latency p50 {ms(h['p50'])}  p95 {ms(h['p95'])}  max {ms(h['max'])}")
+    if stopping is not None:
+        print(f"(d) a sweep past --time-limit 3: HTTP {stopping['status']} after {stopping['answered_after_s']:.2f} s; "
+              f"the model free {stopping['free_after_504_s']:.2f} s after the 504; a /ws/patch closed mid-sweep "
+              f"(busy then: {stopping['busy_before_close']}): free {stopping['free_after_close_s']:.2f} s after the close")
+    if memory is not None:
+        print(f"(e) POST /api/heads seq_len 512, 32 sequences: HTTP {memory['status']} in {memory['seconds']:.1f} s; "
+              f"server peak RSS {memory['peak_before'] / 1e9:.2f} GB before, {memory['peak_after'] / 1e9:.2f} GB after")
     if server_errors:
         print(f"server stderr had {len(server_errors)} error line(s), e.g. {server_errors[0]!r}")
 
     if args.json_path:
         figures = {"model": health.get("model"), "quick": args.quick, "startup_s": startup, "single": single,
-                   "load": load, "sweep": sweeping, "server_error_lines": server_errors}
+                   "load": load, "sweep": sweeping, "stop": stopping, "memory": memory, "server_error_lines": server_errors}
         Path(args.json_path).write_text(json.dumps(figures, indent=2, allow_nan=True) + "\n")
         print(f"figures written to {args.json_path}")
 
