@@ -143,6 +143,7 @@ def trace_command(
     dtype: DtypeOpt = "float32",
     save_activations: Annotated[Optional[str], typer.Option("--save-activations", help="Write activations (safetensors + manifest.json) to this folder.")] = None,
     save_hooks: Annotated[Optional[str], typer.Option("--save-hooks", help="Comma-separated hook-name globs to save (default: residual stream per layer).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier activation dump in the --save-activations folder.")] = False,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     **given,
@@ -154,7 +155,7 @@ def trace_command(
     from hexray.analysis.report import AnalysisOptions, analyze
     from hexray.render.files import check_writable, write_report
     from hexray.render.jsondoc import report_document
-    from hexray.tracing.activations import check_fired, select_hooks
+    from hexray.tracing.activations import check_fired, check_no_dump, select_hooks
     from hexray.tracing.activations import save_activations as save_acts
 
     _one_source(prompt=prompt, prompts=prompts)
@@ -172,6 +173,8 @@ def trace_command(
     for folder, flag in ((report, "--report"), (save_activations, "--save-activations")):
         if folder is not None:
             check_writable(folder, flag)
+    if save_activations is not None:
+        check_no_dump(save_activations, force=force)
     loaded = _load(model, json_out, device, dtype)
     hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
     with _status("Tracing...", json_out):

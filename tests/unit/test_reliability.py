@@ -236,15 +236,15 @@ def test_induction_data_runs_in_chunks_within_the_budget(tiny_llama, monkeypatch
 
     from hexray.tracing.engine import row_bytes
 
-    monkeypatch.setenv("HEXRAY_MEMORY_BUDGET", str(3 * row_bytes(tiny_llama, 32, [sites.attn_pattern(layer) for layer in range(tiny_llama.spec.n_layers)])))
+    monkeypatch.setenv("HEXRAY_MEMORY_BUDGET", str(3 * row_bytes(tiny_llama, 32, [sites.attn_pattern(0)])))  # one layer's patterns at a time
     rows = []
-    real = heads.capture
-    monkeypatch.setattr(heads, "capture", lambda model, batch, *a, **k: (rows.append(len(batch)), real(model, batch, *a, **k))[1])
+    real = heads.run_reduced
+    monkeypatch.setattr(heads, "run_reduced", lambda model, batch, *a, **k: (rows.append(len(batch)), real(model, batch, *a, **k))[1])
     chunked = heads.classify_heads(tiny_llama, "The cat sat on the mat. The cat", n_sequences=8, seq_len=16)
     monkeypatch.setenv("HEXRAY_MEMORY_BUDGET", "1e12")
     rows_before = len(rows)
     whole = heads.classify_heads(tiny_llama, "The cat sat on the mat. The cat", n_sequences=8, seq_len=16)
-    assert rows[1:rows_before] == [3, 3, 2] and max(rows[rows_before:]) == 8  # after the prompt's own row
+    assert rows[:rows_before] == [3, 3, 2] and rows[rows_before:] == [8]
     torch.testing.assert_close(torch.tensor(chunked.scores["induction"]), torch.tensor(whole.scores["induction"]), atol=1e-6, rtol=0)
 
 
@@ -344,3 +344,27 @@ def test_fuzz_every_cli_option(cli, tiny_llama, command):
             assert "Traceback" not in r.err, (flag, value, r.err[-500:])
             if r.code == 2:
                 assert len([line for line in r.err.splitlines() if line.strip()]) == 1, (flag, value, r.err)
+
+
+def test_an_earlier_activation_dump_is_replaced_only_with_force(cli, tiny_llama, tmp_path):
+    out = tmp_path / "acts"
+    assert cli(tiny_llama, "trace", "--prompt", PROMPT, "--save-activations", out).code == 0
+    before = (out / "manifest.json").read_text()
+    assert_one_line_error(cli(tiny_llama, "trace", "--prompt", "The cat sat", "--save-activations", out), "already holds a dump")
+    assert (out / "manifest.json").read_text() == before
+    assert cli(tiny_llama, "trace", "--prompt", "The cat sat", "--save-activations", out, "--force").code == 0
+    assert json.loads((out / "manifest.json").read_text())["prompt"] == "The cat sat"
+
+
+def test_two_reports_written_at_once_into_one_folder_do_not_mix(tmp_path):
+    from hexray.render.files import write_files
+
+    folder = tmp_path / "shared"
+    a = {"hexray.json": b'{"run": "a"}', "index.html": b"a", "a.png": b"a"}
+    b = {"hexray.json": b'{"run": "b"}', "index.html": b"b", "b.png": b"b"}
+    for _ in range(10):
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda files: write_files(folder, files), [a, b]))
+        run = json.loads((folder / "hexray.json").read_text())["run"]
+        assert (folder / "index.html").read_bytes() == run.encode()
+        assert sorted(p.name for p in folder.iterdir()) == sorted({"a": a, "b": b}[run])  # the other run's figure is gone

@@ -23,7 +23,7 @@ from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.options import Option, options_class
 from hexray.tracing import sites
-from hexray.tracing.engine import capture, rows_per_chunk, tokenize_prompt
+from hexray.tracing.engine import capture, rows_per_chunk, run_reduced, tokenize_prompt
 
 HEADS_OPTIONS: tuple[Option, ...] = (
     Option("threshold", float, 0.4, "Minimum score for a head to get a role label.", ge=0, le=1),
@@ -181,12 +181,24 @@ def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int,
     """Induction scores [layers, heads], averaged over repeated random sequences."""
     random_ids = repeated_random_tokens(model, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     layers = range(model.spec.n_layers) if layers is None else layers
-    chunk = rows_per_chunk(model, 2 * seq_len, [sites.attn_pattern(layer) for layer in layers])
-    per_seq = []
-    for lo in range(0, n_sequences, chunk):  # a chunk's patterns at a time: [seqs, layers, heads, q, k]
-        random_patterns = _patterns(model, random_ids[lo : lo + chunk], layers)
-        per_seq += [role_scores(p, detection_patterns(ids)["induction"])[0] for p, ids in zip(random_patterns, random_ids[lo : lo + chunk])]
-    return torch.stack(per_seq).mean(0).cpu().numpy()
+    chunk = rows_per_chunk(model, 2 * seq_len, [sites.attn_pattern(layers[0])])  # one layer's patterns at a time
+    sums = torch.zeros(len(layers), model.spec.n_heads, dtype=torch.float64)
+    for lo in range(0, n_sequences, chunk):
+        rows = random_ids[lo : lo + chunk]
+        reducers = {sites.attn_pattern(layer): _per_sequence_induction(rows) for layer in layers}  # [seqs, heads, q, k] -> [seqs, heads]
+        scores = run_reduced(model, rows, reducers, stop_after_layer=max(layers))
+        sums += torch.stack([scores[sites.attn_pattern(layer)].sum(0).double().cpu() for layer in layers])
+    return (sums / n_sequences).numpy()
+
+
+def _per_sequence_induction(rows: torch.Tensor):
+    """A reducer: patterns [seqs, heads, q, k] -> each sequence's induction score per head, [seqs, heads]."""
+    detections = [detection_patterns(r)["induction"] for r in rows]
+
+    def reduce(patterns: torch.Tensor) -> torch.Tensor:
+        return torch.stack([role_scores(p, d.to(p.device))[0] for p, d in zip(patterns, detections)])
+
+    return reduce
 
 
 def _labels(scores: dict[str, np.ndarray], threshold: float) -> tuple[tuple[str | None, ...], ...]:

@@ -65,6 +65,23 @@ def _previous_report(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.is_file() and (p.name in ("hexray.json", "index.html") or p.suffix in (".png", ".svg"))}
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on the folder itself (POSIX flock on its descriptor; a no-op where that is unavailable)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
     """Write ``files`` (name -> bytes) into ``folder`` all at once: stage them, then move each in.
 
@@ -72,29 +89,40 @@ def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
     file HexRay did not write is never overwritten, and an earlier report's files that this one
     does not have are removed, so no stale figure sits beside the new ``hexray.json``.
     """
-    folder = check_writable(folder)
-    previous = _previous_report(folder) or set()
+    if not str(folder).strip():
+        raise HexRayError("--report is empty", hint="name a folder, e.g. hexray-report")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise HexRayError(f"--report {folder} exists and is not a folder")
+    previous = _previous_report(folder) if folder.is_dir() else set()
     foreign = sorted(name for name in files if (folder / name).exists() and name not in previous)
     if foreign:
         raise HexRayError(f"--report {folder} already holds {', '.join(foreign[:3])}, which HexRay did not write", hint="choose an empty or new folder, or move those files away")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".hexray-partial-", dir=folder))
-    except OSError as exc:
-        raise HexRayError(f"cannot write --report folder {folder}: {exc.strerror}") from exc
+    for attempt in range(3):  # another writer's writability probe may remove the folder it just created
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".hexray-partial-", dir=folder))
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise HexRayError(f"cannot write --report folder {folder}: it keeps disappearing") from None
+        except OSError as exc:
+            raise HexRayError(f"cannot write --report folder {folder}: {exc.strerror}") from exc
     try:
         for name, data in files.items():
             try:
                 (staging / name).write_bytes(data)
             except OSError as exc:
                 raise HexRayError(f"cannot write {name} in --report {folder}: {exc.strerror}", hint="choose a shorter name or another folder") from None
-        written = []
-        for name in files:
-            os.replace(staging / name, folder / name)
-            written.append(folder / name)
-        for stale in previous - set(files):
-            with contextlib.suppress(OSError):
-                (folder / stale).unlink()
+        with _folder_lock(folder):  # two reports written at once into one folder do not interleave
+            previous = _previous_report(folder)
+            written = []
+            for name in files:
+                os.replace(staging / name, folder / name)
+                written.append(folder / name)
+            for stale in previous - set(files):
+                with contextlib.suppress(OSError):
+                    (folder / stale).unlink()
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,6 +49,12 @@ def select_hooks(model: LoadedModel, patterns: str | None) -> list[str]:
     return chosen
 
 
+def check_no_dump(folder: str | Path, *, force: bool = False) -> None:
+    """An earlier dump in ``folder`` is replaced only when asked (``--force``): nothing is lost by accident."""
+    if not force and (Path(folder) / MANIFEST).is_file():
+        raise HexRayError(f"--save-activations {folder} already holds a dump", hint="choose another folder, or pass --force to replace it")
+
+
 def check_fired(trace: Trace, hooks: list[str]) -> None:
     """Some hook points exist but never fire (``hook_pos_embed`` on rotary models)."""
     missing = [h for h in hooks if h not in trace.acts]

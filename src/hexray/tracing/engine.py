@@ -154,6 +154,37 @@ def capture(
     return logits, acts
 
 
+def run_reduced(
+    model: LoadedModel,
+    batch: torch.Tensor,
+    reducers: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    *,
+    stop_after_layer: int | None = None,
+) -> dict[Hook, torch.Tensor]:
+    """One forward pass over token ids [batch, pos] keeping only ``reducer(activation)`` at each hook.
+
+    The activation ([batch, ...], float32) is reduced inside the pass and dropped, so memory holds
+    one layer's activation at a time, never every layer's (a pattern of 1024 tokens is 38 MB a head
+    layer; thirty of them would be over a gigabyte).
+    """
+    out: dict[Hook, torch.Tensor] = {}
+
+    def reducer_hook(name: Hook, reduce):
+        def hook(x, hook=None):
+            out[name] = reduce(x.detach().float())
+
+        return hook
+
+    hooks = [(parse_hook(h), fn) for h, fn in reducers.items()]
+    check_fits(model, batch.shape[1], [hooks[0][0]] if hooks else [], rows=1)
+    stop = stop_after_layer + 1 if stop_after_layer is not None and stop_after_layer + 1 < model.spec.n_layers else None
+    with torch.inference_mode():
+        model.bridge.run_with_hooks(
+            batch.to(model.device), fwd_hooks=[(h, reducer_hook(h, fn)) for h, fn in hooks] + stop_hooks(model), stop_at_layer=stop, use_cache=False,
+        )
+    return out
+
+
 def _trim(hook: Hook, act: torch.Tensor, n: int) -> torch.Tensor:
     """One row's activation without the padding: patterns [head, q, k] on both axes, the rest on positions."""
     return act[:, :n, :n] if hook.point == "pattern" else act[:n]
