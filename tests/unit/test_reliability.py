@@ -244,7 +244,7 @@ def test_induction_data_runs_in_chunks_within_the_budget(tiny_llama, monkeypatch
     monkeypatch.setenv("HEXRAY_MEMORY_BUDGET", "1e12")
     rows_before = len(rows)
     whole = heads.classify_heads(tiny_llama, "The cat sat on the mat. The cat", n_sequences=8, seq_len=16)
-    assert rows[:rows_before] == [3, 3, 2] and rows[rows_before:] == [8]
+    assert rows[:rows_before] == [1, 3, 3, 2] and rows[rows_before:] == [1, 8]  # the prompt, then the induction data
     torch.testing.assert_close(torch.tensor(chunked.scores["induction"]), torch.tensor(whole.scores["induction"]), atol=1e-6, rtol=0)
 
 

@@ -104,7 +104,7 @@ def classify_heads(
     _check_induction_data(model, seq_len, n_sequences)
     text, ids = _scored_text(model, prompt, prepend_bos)
     tokens = torch.tensor(ids)
-    scores = _prompt_role_scores(_patterns(model, tokens[None])[0], tokens)  # patterns: [layers, heads, q, k]
+    scores = _prompt_scores_reduced(model, tokens)
     scores["induction"] = _induction_scores(model, None, seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     labels = _labels(scores, threshold)
     return HeadClassification(
@@ -175,6 +175,20 @@ def _prompt_role_scores(patterns: torch.Tensor, tokens: torch.Tensor) -> dict[st
     """Previous-token, duplicate-token and BOS scores of patterns [..., q, k] on token ids [pos]."""
     detection = detection_patterns(tokens)
     return {role: role_scores(patterns, detection[role])[0].cpu().numpy() for role in ("previous_token", "duplicate_token", "bos")}
+
+
+def _prompt_scores_reduced(model: LoadedModel, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """Previous-token, duplicate-token and BOS scores [layers, heads] of every head on token ids [pos], one layer's pattern at a time."""
+    roles = ("previous_token", "duplicate_token", "bos")
+    detection = detection_patterns(tokens)
+
+    def reduce(patterns: torch.Tensor) -> torch.Tensor:  # [1, heads, q, k] -> [roles, heads]
+        return torch.stack([role_scores(patterns[0], detection[r].to(patterns.device))[0] for r in roles])
+
+    layers = range(model.spec.n_layers)
+    out = run_reduced(model, tokens[None], {sites.attn_pattern(layer): reduce for layer in layers})
+    stacked = torch.stack([out[sites.attn_pattern(layer)] for layer in layers]).cpu()  # [layers, roles, heads]
+    return {role: stacked[:, i].numpy() for i, role in enumerate(roles)}
 
 
 def _induction_scores(model: LoadedModel, layers: range | None, *, seq_len: int, n_sequences: int, seed: int) -> np.ndarray:
