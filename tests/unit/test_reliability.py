@@ -149,6 +149,31 @@ def test_framework_errors_and_oversized_bodies_answer_in_the_error_shape(client)
     assert r.status_code == 413 and r.json()["ok"] is False
 
 
+def test_deep_json_and_a_missing_content_type_answer_4xx_with_a_hint(client):
+    r = client.post("/api/analyze", content=("[" * 5000 + "]" * 5000).encode(), headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and r.json()["ok"] is False
+    r = client.post("/api/analyze", content=json.dumps({"prompt": "The cat"}).encode())  # no Content-Type
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["hint"]
+
+
+def test_a_report_name_too_long_for_the_file_system_is_one_line(cli, tiny_llama, tmp_path):
+    r = cli(tiny_llama, "trace", "--prompt", PROMPT, "--report", tmp_path / ("r" * 300))
+    assert_one_line_error(r, "--report")
+
+
+def test_an_unwritable_cache_is_one_clear_error(monkeypatch):
+    import hexray.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(loading, "_cached_from_gguf", refuse)
+    monkeypatch.setattr(loading, "_embedded_gguf_path", lambda: None)
+    with pytest.raises(HexRayError) as info:
+        load_model()
+    assert "cannot use the model cache" in info.value.message and "HEXRAY_CACHE" in info.value.hint
+
+
 def test_a_binary_first_frame_gets_an_error_message(client):
     with client.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
         ws.send_bytes(b"\x00\x01")
@@ -368,3 +393,19 @@ def test_two_reports_written_at_once_into_one_folder_do_not_mix(tmp_path):
         run = json.loads((folder / "hexray.json").read_text())["run"]
         assert (folder / "index.html").read_bytes() == run.encode()
         assert sorted(p.name for p in folder.iterdir()) == sorted({"a": a, "b": b}[run])  # the other run's figure is gone
+
+
+def test_a_large_reference_set_runs_in_chunks_with_the_same_answer(tiny_llama, monkeypatch):
+    from hexray.intervene import ablation
+    from hexray.tracing.engine import row_bytes
+
+    refs = [f"The cat number {i} sat on the mat and looked at the dog" for i in range(12)]
+    whole = ablation.ablate(tiny_llama, PROMPT, "L0H1,MLP1", mode="mean", reference=refs)
+    rows = []
+    real = ablation.capture
+    monkeypatch.setattr(ablation, "capture", lambda model, batch, *a, **k: (rows.append(len(batch)), real(model, batch, *a, **k))[1])
+    hooks = {sites.head_z(0), sites.mlp_out(1)}
+    monkeypatch.setenv("HEXRAY_MEMORY_BUDGET", str(5 * row_bytes(tiny_llama, max(len(tiny_llama.encode(r)) for r in refs), hooks)))
+    chunked = ablation.ablate(tiny_llama, PROMPT, "L0H1,MLP1", mode="mean", reference=refs)
+    assert rows == [5, 5, 2]
+    assert chunked.after.target.prob == pytest.approx(whole.after.target.prob, abs=1e-6) and chunked.kl == pytest.approx(whole.kl, abs=1e-7)

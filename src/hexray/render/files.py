@@ -26,9 +26,12 @@ def check_writable(folder: str | Path, flag: str = "--report") -> Path:
     if not str(folder).strip():
         raise HexRayError(f"{flag} is empty", hint="name a folder, e.g. hexray-report")
     path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        raise HexRayError(f"{flag} {folder} exists and is not a folder")
-    missing = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        if path.exists() and not path.is_dir():
+            raise HexRayError(f"{flag} {folder} exists and is not a folder")
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise HexRayError(f"{flag} {str(folder)[:80]}: {exc.strerror}", hint="choose a shorter folder name") from None
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()

@@ -284,8 +284,10 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         return JSONResponse({"ok": False, "error": str(exc.detail)[:200], "hint": hints.get(exc.status_code), "status": exc.status_code}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"ok": False, "error": _first_error(exc), "hint": None, "status": 422}, status_code=422)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        json_body = "json" in request.headers.get("content-type", "").lower()
+        hint = None if json_body else "send the body as JSON with Content-Type: application/json"
+        return JSONResponse({"ok": False, "error": _first_error(exc), "hint": hint, "status": 422}, status_code=422)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
