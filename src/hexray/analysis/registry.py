@@ -59,7 +59,6 @@ class Analysis:
     lab_panel: str = "analyses-panel"  # the lab panel that draws it (the generic one draws ``table``)
     absent: Any = None  # the Report attribute when it is not computed
     report_by_default: bool = False  # a figure is the point: the CLI writes --report hexray-report/ unless told where
-    checks: Callable[[Any], None] | None = None  # option rules beyond each option's own bounds
 
     @property
     def all_options(self) -> tuple[Option, ...]:

@@ -34,14 +34,8 @@ def trace_options() -> tuple[Option, ...]:
     return CORE_OPTIONS + tuple(o for a in analyses() for o in a.all_options)
 
 
-def _check(options) -> None:
-    for a in analyses():
-        if a.checks is not None and a.enabled(options):
-            a.checks(options)
-
-
 AnalysisOptions = options_class(
-    "AnalysisOptions", trace_options(), check=_check,
+    "AnalysisOptions", trace_options(),
     doc="The options of ``hexray trace`` (and ``/api/analyze``): the core ones and every registered analysis's; the CLI's defaults.",
 )
 

@@ -18,17 +18,26 @@ from hexray.render import plots
 from hexray.render.html import ablation_html, generation_html, heads_html, patching_html, report_html
 
 
-def check_writable(folder: str | Path, flag: str = "--report") -> Path:
-    """Fail early (before any model work) if ``folder`` cannot be created and written.
-
-    Probes by creating the folder and a file in it, then removes whatever the probe created.
-    """
+def _folder_path(folder: str | Path, flag: str) -> Path:
+    """``folder`` as a Path: not empty (that would be the current directory), and a folder if it exists."""
     if not str(folder).strip():
         raise HexRayError(f"{flag} is empty", hint="name a folder, e.g. hexray-report")
     path = Path(folder).expanduser()
     try:
         if path.exists() and not path.is_dir():
             raise HexRayError(f"{flag} {folder} exists and is not a folder")
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise HexRayError(f"{flag} {str(folder)[:80]}: {exc.strerror}", hint="choose a shorter folder name") from None
+    return path
+
+
+def check_writable(folder: str | Path, flag: str = "--report") -> Path:
+    """Fail early (before any model work) if ``folder`` cannot be created and written.
+
+    Probes by creating the folder and a file in it, then removes whatever the probe created.
+    """
+    path = _folder_path(folder, flag)
+    try:
         missing = [p for p in [path, *path.parents] if not p.exists()]
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise HexRayError(f"{flag} {str(folder)[:80]}: {exc.strerror}", hint="choose a shorter folder name") from None
@@ -92,11 +101,7 @@ def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
     file HexRay did not write is never overwritten, and an earlier report's files that this one
     does not have are removed, so no stale figure sits beside the new ``hexray.json``.
     """
-    if not str(folder).strip():
-        raise HexRayError("--report is empty", hint="name a folder, e.g. hexray-report")
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise HexRayError(f"--report {folder} exists and is not a folder")
+    folder = _folder_path(folder, "--report")
     previous = _previous_report(folder) if folder.is_dir() else set()
     foreign = sorted(name for name in files if (folder / name).exists() and name not in previous)
     if foreign:
