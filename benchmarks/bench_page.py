@@ -2,9 +2,13 @@
 
 Starts a real `hexray serve` (the embedded model, 127.0.0.1) and opens the lab in Debian's chromium
 with a ~256-token prompt in the URL, three times. For each load it reports what the page measured:
-the analysis round trip (request sent → final document received, the model's work included) and the
-drawing of every panel after the document arrived, plus the document's size. Figures are measured
-once in this run; nothing is asserted about them.
+the analysis round trip (request sent → final document received, the model's work included), the
+time to the first layer drawn (the stream's first block, drawn while the forward pass still runs),
+and the drawing of every panel after the document arrived, plus the document's size. Figures are
+measured once in this run; nothing is asserted about them.
+
+To compare with an older page, run it with that checkout's sources first on the path, e.g.
+``PYTHONPATH=/tmp/old/src python benchmarks/bench_page.py`` (the server is a subprocess).
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ def main() -> int:
         finally:
             server.stop()
     for r in runs:
-        print(f"{r['tokens']} tokens: analysis round trip {r['analysisMs']:7.0f} ms, page drawn in {r['renderMs']:5.1f} ms, document {r['doc_bytes'] / 1024:.0f} KiB")
-    print(f"median: analysis {statistics.median(r['analysisMs'] for r in runs):.0f} ms, drawing {statistics.median(r['renderMs'] for r in runs):.1f} ms")
+        first = f"first layer drawn at {r['firstLayerMs']:6.0f} ms, " if r.get("firstLayerMs") is not None else "(no live layers), "
+        print(f"{r['tokens']} tokens: {first}analysis round trip {r['analysisMs']:7.0f} ms, page drawn in {r['renderMs']:5.1f} ms, document {r['doc_bytes'] / 1024:.0f} KiB")
+    firsts = [r["firstLayerMs"] for r in runs if r.get("firstLayerMs") is not None]
+    print(f"median: analysis {statistics.median(r['analysisMs'] for r in runs):.0f} ms, drawing {statistics.median(r['renderMs'] for r in runs):.1f} ms"
+          + (f", first layer {statistics.median(firsts):.0f} ms" if firsts else ""))
     print(json.dumps(runs))
     return 0
 

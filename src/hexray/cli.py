@@ -30,16 +30,17 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="HEXRAY_MODEL", help="Model: HF id, local folder, .gguf file, or an alias like gpt2-small. Default: the embedded SmolLM2-135M-Instruct.")]
-PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The text to run through the model.")]
+PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else.")]
 ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Folder for the PNG figures, hexray.json and index.html.")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="HEXRAY_DEVICE", help="cpu | cuda | cuda:N | mps | auto (CUDA, else MPS, else CPU).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="HEXRAY_DTYPE", help="float32 | bfloat16 | float16: what the model computes in (attribution accumulates in float32).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Take the prompt, target and contrast from a preset task (hexray presets lists them); a flag you give wins.")]
 
 FIGURE_DEFAULT_REPORT = Path("hexray-report")
 
 # fields that are not options of a capability, as the CLI spells them (errors name fields)
-_FIXED_FLAGS = {"prompt": "--prompt", "clean": "--clean", "corrupt": "--corrupt", "components": "--components", "reference": "--reference", "prompts": "--prompts"}
+_FIXED_FLAGS = {"prompt": "--prompt", "clean": "--clean", "corrupt": "--corrupt", "components": "--components", "reference": "--reference", "prompts": "--prompts", "preset": "--preset"}
 _flags: dict[str, str] = {}  # field -> flag of the command running now
 
 
@@ -138,6 +139,7 @@ PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="A file of
 def trace_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")] = None,
     prompts: PromptsOpt = None,
+    preset: PresetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -158,6 +160,8 @@ def trace_command(
     from hexray.tracing.activations import check_fired, check_no_dump, select_hooks
     from hexray.tracing.activations import save_activations as save_acts
 
+    task = _chosen_preset(preset, prompts)
+    prompt, given = _or_preset(prompt, task, "prompt"), _fill_from_preset(given, task, "target", "contrast")
     _one_source(prompt=prompt, prompts=prompts)
     chosen = [a for a in analyses() if a.switch is not None and a.name != "residual" and given.get(a.switch.name)]
     asked = given.get("top_k") is not None or bool(chosen) or save_activations is not None
@@ -179,7 +183,7 @@ def trace_command(
     hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
     with _status("Tracing...", json_out):
         result = analyze(loaded, prompt, dataclasses.replace(options, save_hooks=hooks))
-        document = report_document(result)
+        document = _mark_preset(report_document(result), task)
     if save_activations is not None:
         check_fired(result.trace, list(hooks))  # before anything is written
     written = write_report(report, result, document) if report is not None else []
@@ -196,6 +200,7 @@ def trace_command(
 
     console = Console()
     render_report(result, console)
+    _print_expected(console, task)
     if written:
         console.print(f"[green]Report written to {escape(str(report))}/[/] ({', '.join(p.name for p in written)})")
     if save_activations is not None:
@@ -269,13 +274,48 @@ def _one_source(**sources) -> None:
     if file is not None and single_value is not None:
         raise HexRayError(f"give {_flag_of(single)} or --prompts, not both")
     if file is None and single_value is None:
-        raise HexRayError(f"missing option {_flag_of(single)}", hint="or --prompts FILE for a set of prompts")
+        raise HexRayError(f"missing option {_flag_of(single)}", hint="or --prompts FILE for a set of prompts, or --preset NAME")
 
 
-def _finish(json_out: bool, report: Path | None, document: dict, files, show) -> None:
-    """Print JSON or the console view, and write the report (all files at once)."""
+def _chosen_preset(name: str | None, prompts: Path | None = None):
+    """The --preset task (None without one), checked before any model is loaded."""
+    if name is None:
+        return None
+    from hexray.presets import preset
+
+    task = preset(name)
+    if prompts is not None:
+        raise HexRayError("give --preset or --prompts, not both")
+    return task
+
+
+def _or_preset(value, task, field: str):
+    """An explicit value wins; else the preset's (None without a preset)."""
+    return value if value is not None or task is None else getattr(task, field)
+
+
+def _fill_from_preset(given: dict, task, *fields: str) -> dict:
+    """The command's option values with the preset's for each of ``fields`` the user did not give."""
+    return {**given, **{field: _or_preset(given.get(field), task, field) for field in fields}}
+
+
+def _mark_preset(document: dict, task) -> dict:
+    if task is not None:
+        document["preset"] = {"name": task.name, "expected": task.expected}
+    return document
+
+
+def _print_expected(console: Console, task) -> None:
+    """The preset's expected circuit, one dim line to hold what HexRay found against."""
+    if task is not None:
+        console.print(Text(f"Expected for the {task.name} preset: {task.expected}", style="dim"), soft_wrap=True)
+
+
+def _finish(json_out: bool, report: Path | None, document: dict, files, show, task=None) -> None:
+    """Print JSON or the console view (with a preset's expected circuit), and write the report (all files at once)."""
     from hexray.render.files import write_files
 
+    _mark_preset(document, task)
     written = write_files(report, files()) if report is not None else []
     if json_out:
         if written:
@@ -284,6 +324,7 @@ def _finish(json_out: bool, report: Path | None, document: dict, files, show) ->
         return
     console = Console()
     show(console)
+    _print_expected(console, task)
     if written:
         console.print(f"[green]Report written to {escape(str(report))}/[/] ({', '.join(p.name for p in written)})")
 
@@ -318,6 +359,7 @@ def patch_command(
     clean: Annotated[Optional[str], typer.Option("--clean", help="The prompt with the behaviour (e.g. the IOI sentence).")] = None,
     corrupt: Annotated[Optional[str], typer.Option("--corrupt", help="The same prompt with the behaviour broken (same token length).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL, one {clean, corrupt[, target, contrast]} a row (e.g. IOI templates): mean and spread over the set.")] = None,
+    preset: PresetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -331,8 +373,11 @@ def patch_command(
     from hexray.render.files import check_writable, patching_files
     from hexray.render.jsondoc import patch_document
 
+    task = _chosen_preset(preset, prompts)
+    clean, corrupt = _or_preset(clean, task, "clean"), _or_preset(corrupt, task, "corrupt")
+    given = _fill_from_preset(given, task, "target", "contrast")
     if prompts is None and (clean is None or corrupt is None):
-        raise HexRayError("missing option --clean" if clean is None else "missing option --corrupt", hint="or --prompts FILE for a set of prompt pairs")
+        raise HexRayError("missing option --clean" if clean is None else "missing option --corrupt", hint="or --prompts FILE for a set of prompt pairs, or --preset NAME")
     if prompts is not None and (clean is not None or corrupt is not None):
         raise HexRayError("give --clean/--corrupt or --prompts, not both")
     options = _options(PatchOptions, given)
@@ -346,7 +391,7 @@ def patch_command(
     from hexray.render.console import render_patching
 
     document = patch_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: patching_files(result, document, options.top_k), lambda c: render_patching(result, c, options.top_k))
+    _finish(json_out, report, document, lambda: patching_files(result, document, options.top_k), lambda c: render_patching(result, c, options.top_k), task)
 
 
 def _patch_kwargs(options) -> dict:
@@ -356,9 +401,10 @@ def _patch_kwargs(options) -> dict:
 @app.command("ablate")
 @with_options(_ablate_options())
 def ablate_command(
-    components: Annotated[str, typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")],
+    components: Annotated[Optional[str], typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")] = None,
     prompts: PromptsOpt = None,
+    preset: PresetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -373,6 +419,12 @@ def ablate_command(
     from hexray.render.files import ablation_files, check_writable
     from hexray.render.jsondoc import ablation_document
 
+    task = _chosen_preset(preset, prompts)
+    prompt, given = _or_preset(prompt, task, "prompt"), _fill_from_preset(given, task, "target", "contrast")
+    if components is None and task is not None and task.components:  # a preset's "" names none
+        components = task.components
+    if components is None:
+        raise HexRayError("missing option --components", hint=f"the {task.name} preset names none; give e.g. --components L9H6,MLP10" if task else "e.g. --components L9H6,MLP10")
     _one_source(prompt=prompt, prompts=prompts)
     options = _options(AblateOptions, given)
     refs = read_reference_prompts(reference) if reference is not None else None
@@ -387,7 +439,7 @@ def ablate_command(
     from hexray.render.console import render_ablation
 
     document = ablation_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: ablation_files(result, document), lambda c: render_ablation(result, c, options.top_k))
+    _finish(json_out, report, document, lambda: ablation_files(result, document), lambda c: render_ablation(result, c, options.top_k), task)
 
 
 def _ablate_kwargs(options) -> dict:
@@ -400,6 +452,7 @@ def _ablate_kwargs(options) -> dict:
 @with_options(_heads_options())
 def heads_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text for the previous-token, duplicate-token and BOS scores (default: a built-in text).")] = None,
+    preset: PresetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -413,6 +466,8 @@ def heads_command(
     from hexray.render.files import check_writable, heads_files
     from hexray.render.jsondoc import heads_document
 
+    task = _chosen_preset(preset)
+    prompt = _or_preset(prompt, task, "prompt")
     options = _options(HeadsOptions, given)
     if report is not None:
         check_writable(report)
@@ -423,13 +478,14 @@ def heads_command(
     from hexray.render.console import render_heads
 
     document = heads_document(result, loaded.spec)
-    _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, options.top_k))
+    _finish(json_out, report, document, lambda: heads_files(result, document), lambda c: render_heads(result, c, options.top_k), task)
 
 
 @app.command("generate")
 @with_options(_generation_options())
 def generate_command(
-    prompt: PromptOpt,
+    prompt: PromptOpt = None,
+    preset: PresetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -445,6 +501,10 @@ def generate_command(
     from hexray.render.console import render_generation_summary, token_line
     from hexray.render.jsondoc import generation_done_doc, token_record_doc
 
+    task = _chosen_preset(preset)
+    prompt = _or_preset(prompt, task, "prompt")
+    if prompt is None:
+        raise HexRayError("missing option --prompt", hint="or --preset NAME; hexray presets lists them")
     options = _options(GenerationOptions, given)
     top_k = options.top_k
     if report is not None:
@@ -466,7 +526,7 @@ def generate_command(
         run.interrupted()
         interrupted = True
     result = run.result()
-    done = generation_done_doc(result)
+    done = _mark_preset(generation_done_doc(result), task)
     if report is not None:
         written = write_files(report, generation_files(result, done, top_k))
         done["report_files"] = [str(p) for p in written]
@@ -474,10 +534,29 @@ def generate_command(
         sys.stdout.write(json.dumps(done, allow_nan=False) + "\n")
     else:
         render_generation_summary(result, console, top_k, bars=cot_debug)
+        _print_expected(console, task)
         if report is not None:
             console.print(f"[green]Report written to {escape(str(report))}/[/]")
     if interrupted:
         raise typer.Exit(130)
+
+
+@app.command("presets")
+def presets_command(json_out: JsonOpt = False) -> None:
+    """List the preset tasks --preset takes: each one's prompt and the circuit the literature expects."""
+    from rich.table import Table
+
+    from hexray.presets import PRESETS
+
+    if json_out:
+        sys.stdout.write(json.dumps({"presets": [dataclasses.asdict(p) for p in PRESETS]}) + "\n")
+        return
+    table = Table(title="Presets (hexray trace --preset NAME)", show_lines=True)
+    for column in ("name", "title", "prompt", "expected"):
+        table.add_column(column, overflow="fold")
+    for p in PRESETS:
+        table.add_row(Text(p.name, style="bold"), Text(p.title), Text(repr(p.prompt)), Text(p.expected, style="dim"))
+    Console().print(table)
 
 
 @app.command("serve")

@@ -90,6 +90,8 @@ class Page:
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         self.errors: list[str] = []
         self.dialogs: list[str] = []
+        self.requests: list[str] = []  # every URL the page asked for, to prove none leaves the machine
+        self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.goto(url)
@@ -114,6 +116,8 @@ def lab(server, browser):
     yield page
     page.page.close()
     assert not page.errors, page.errors
+    outside = [u for u in page.requests if not (u.startswith(server) or u.startswith(server.replace("http", "ws", 1)) or u.startswith(("blob:", "data:")))]
+    assert not outside, outside  # no CDN, no font, no telemetry: the lab is self-contained
 
 
 def test_ioi_preset_draws_the_attribution_map(lab, shots):
@@ -126,8 +130,26 @@ def test_ioi_preset_draws_the_attribution_map(lab, shots):
     top = lab.page.locator("#dla-top li").all_inner_texts()
     assert top[0].startswith("L23H3")
     assert "prompt=When+Mary" in lab.page.url and "target=+Mary" in lab.page.url
-    # the per-layer stream drew the map before the final document arrived
     assert lab.page.evaluate("window.hexrayLab.layerMessages") == 30
+    assert "name-mover" in lab.text("#preset-expected")  # the preset says which circuit to expect
+    # one colour convention (ColorBrewer RdBu): L23H3 raises " Mary", so its cell is blue, not red
+    r, g, b = lab.page.evaluate("""(() => { const c = document.getElementById('dla-map'); const [x, y] = c.cellCenter(23, 3);
+        const d = window.devicePixelRatio || 1; return Array.from(c.getContext('2d').getImageData(x * d, y * d, 1, 1).data.slice(0, 3)); })()""")
+    assert b > r + 40, (r, g, b)
+    assert "blue: raises" in lab.text("#dla-panel .legend")
+
+
+def test_layers_are_drawn_while_the_forward_pass_runs(lab):
+    """Each block's message is drawn as it arrives: the first layer is on the page before the analysis is done."""
+    timeline = lab.page.evaluate("window.hexrayLab.timeline")
+    sent = max(i for i, e in enumerate(timeline) if e["event"] == "sent")  # the last analysis
+    events = timeline[sent:]
+    drawn = [e["t"] for e in events if e["event"] == "layer-drawn"]
+    attribution = [e["t"] for e in events if e["event"] == "attribution"]
+    done = next(e["t"] for e in events if e["event"] == "done")
+    assert len(drawn) == 30 and len(attribution) == 30
+    assert drawn[0] < attribution[0] <= done and drawn[-1] <= attribution[0]  # blocks during the pass, attribution after it
+    assert done - drawn[0] > 50  # the first layer was visible well before the document arrived (ms)
 
 
 def test_hovering_a_token_shows_the_next_token_distribution(lab):
@@ -148,6 +170,54 @@ def test_clicking_a_head_shows_its_attention_pattern(lab, shots):
     assert "head=L23H3" in lab.page.url
     for name in ("prompt", "tokens", "dla", "head", "lens", "resid"):
         lab.page.locator(f"#{name}-panel").screenshot(path=str(shots / f"{name}.png"))
+
+
+def test_the_head_inspector_says_what_the_head_does(lab):
+    """Entropy, concentration, the key it reads and that key's value norm, its write, its pairs, its DLA."""
+    head = lab.page.evaluate("window.hexrayLab.docs['head-panel']")
+    analysis = lab.page.evaluate("window.hexrayLab.analysis")
+    cells = lab.page.locator("#head-summary td").all_inner_texts()
+    assert len(cells) == 7
+    assert cells[0] == f"{analysis['head_scores'][23][3]:+.3f}"  # its direct attribution in this analysis
+    assert float(cells[1]) == pytest.approx(head["mean_entropy"], abs=1e-3) and float(cells[3]) == pytest.approx(head["mean_concentration"], abs=1e-3)
+    last = head["pattern"][13]
+    key = last.index(max(last))
+    assert "John" in cells[4] and f"({key})" in cells[4] and float(cells[5]) == pytest.approx(head["value_norm"][key], abs=1e-3)
+    assert float(cells[6]) == pytest.approx(head["output_norm"][13], abs=1e-3)
+    pairs = lab.page.locator("#head-pairs li").all_inner_texts()
+    assert len(pairs) == 10 and all("←" in p for p in pairs)
+    assert all(p["query"] > 0 for p in head["top_pairs"])  # query 0 can only attend to itself
+
+
+def test_the_circuit_view_draws_edges_back_from_the_prediction(lab, shots):
+    lab.page.click("#circuit-run")
+    lab.wait("document.querySelectorAll('#circuit-edges li').length > 0", timeout=120_000)
+    doc = lab.page.evaluate("window.hexrayLab.docs['circuit-panel']")
+    names = {n["name"] for n in doc["nodes"]}
+    assert "L23H3" in names and any(e["destination"] is None and e["source"] == "L23H3" for e in doc["edges"])
+    into_logit = [e for e in doc["edges"] if e["destination"] is None]
+    assert all(e["exact"] for e in into_logit) and not any(e["exact"] for e in doc["edges"] if e["destination"] is not None)
+    layer = {n["name"]: n["layer"] for n in doc["nodes"]}
+    assert all(layer[e["source"]] <= layer[e["destination"]] for e in doc["edges"] if e["destination"])  # edges run forward
+    assert "solid: exact" in lab.text("#circuit-summary")
+    lab.page.locator("#circuit-panel").screenshot(path=str(shots / "circuit.png"))
+
+
+def test_token_flow_draws_arcs_and_one_layer_on_demand(lab, shots):
+    lab.page.click("#flow-run")
+    lab.wait("window.hexrayLab.docs['flow-panel'] !== undefined", timeout=60_000)
+    doc = lab.page.evaluate("window.hexrayLab.docs['flow-panel']")
+    assert doc["layer"] is None and len(doc["total"]) == 14 and doc["top_pairs"]
+    assert all(p["query"] > p["key"] for p in doc["top_pairs"])
+    x, y = lab.page.evaluate("document.getElementById('flow-arcs').tokenCenter(13)")
+    lab.page.locator("#flow-arcs").hover(position={"x": x, "y": y})
+    assert lab.text("#tip").startswith("13:")
+    lab.page.locator("#flow-panel").screenshot(path=str(shots / "flow.png"))
+    lab.page.select_option("#flow-layer", "23")
+    lab.wait("window.hexrayLab.docs['flow-panel'].layer === 23", timeout=60_000)
+    doc = lab.page.evaluate("window.hexrayLab.docs['flow-panel']")
+    assert len(doc["layer_map"]) == 14 and "flow_layer=23" in lab.page.url
+    lab.page.select_option("#flow-layer", "")
 
 
 def test_shift_click_adds_a_head_to_the_ablation_set(lab):
@@ -260,3 +330,107 @@ def test_the_registry_panel_runs_an_analysis_without_a_panel_of_its_own(lab, sho
     assert "Most focused heads at position 13" in lab.text("#analyses-views")
     assert lab.page.locator("#analyses-views table").count() == 1  # only what was ticked
     lab.page.locator("#analyses-panel").screenshot(path=str(shots / "registry.png"))
+
+
+def test_every_preset_fills_the_prompt_and_names_its_circuit(lab):
+    presets = lab.page.evaluate("fetch('/api/presets').then(r => r.json())")["presets"]
+    assert {"ioi", "induction", "factual", "greater-than", "duplicate-token"} <= {p["name"] for p in presets}
+    for preset in presets:
+        n = lab.page.evaluate("window.hexrayLab.analyses")
+        lab.page.select_option("#preset", preset["name"])
+        lab.analysed(n)
+        assert lab.page.input_value("#prompt") == preset["prompt"]
+        assert lab.page.input_value("#target") == (preset["target"] or "")
+        assert lab.text("#preset-expected") == f"expected circuit: {preset['expected']}"
+        assert lab.page.input_value("#corrupt") == (preset["corrupt"] or "")
+        assert f"preset={preset['name']}" in lab.page.url
+
+
+LONG = " ".join(["When Mary and John went to the store, John gave a drink to Mary."] * 14)  # ~220 tokens: seconds of work
+
+
+def _outcomes(lab, panel: str) -> list[str]:
+    return [r["outcome"] for r in lab.page.evaluate("window.hexrayLab.requests") if r["panel"] == panel]
+
+
+def _idle(lab) -> None:
+    """The server has let go of every job (a stopped job ends at its next block)."""
+    lab.wait("fetch('/api/health').then(r => r.json()).then(h => !h.busy && h.queued === 0)", timeout=30_000)
+
+
+def test_a_superseded_analysis_never_lands(lab):
+    n = lab.page.evaluate("window.hexrayLab.analyses")
+    before = len(_outcomes(lab, "analysis"))
+    lab.page.select_option("#preset", "")
+    lab.page.fill("#target", "")
+    lab.page.fill("#contrast", "")
+    lab.page.fill("#prompt", LONG)
+    lab.page.click("#run")
+    lab.wait("window.hexrayLab.layerMessages > 0")  # the first job is running on the server
+    lab.page.fill("#prompt", "The capital of France is")
+    lab.page.click("#run")
+    lab.analysed(n)
+    _idle(lab)
+    lab.page.wait_for_timeout(500)
+    assert lab.page.evaluate("window.hexrayLab.analyses") == n + 1  # only the newer one landed
+    assert _outcomes(lab, "analysis")[before:] == ["superseded", "landed"]
+    assert "".join(lab.page.locator("#tokens .tok").all_inner_texts()).endswith("The capital of France is")
+
+
+def test_every_long_job_has_a_stop(lab):
+    # analysis: stopped mid-stream, the last good view stays
+    tokens = lab.page.locator("#tokens .tok").count()
+    lab.page.fill("#prompt", LONG)
+    lab.page.click("#run")
+    lab.wait("window.hexrayLab.layerMessages > 0 && !document.getElementById('run-stop').disabled")
+    lab.page.click("#run-stop")
+    lab.wait("document.getElementById('run-stop').disabled")
+    assert _outcomes(lab, "analysis")[-1] == "stopped"
+    assert lab.page.locator("#tokens .tok").count() == tokens
+    _idle(lab)
+    # patching: stopped after the first progress message
+    lab.page.fill("#clean", "When Mary and John went to the store, John gave a drink to")
+    lab.page.fill("#corrupt", "When Mary and John went to the store, Mary gave a drink to")
+    lab.page.select_option("#sweep", "heads-pos")  # 3780 variants: seconds of chunks, progress after each
+    lab.page.click("#patch-run")
+    lab.wait("document.getElementById('patch-progress').value > 0", timeout=120_000)
+    lab.page.click("#patch-stop")
+    lab.wait("!document.getElementById('patch-run').disabled")
+    assert _outcomes(lab, "patch")[-1] == "stopped"
+    _idle(lab)
+    # generation: stopped after two tokens, which stay on the page
+    lab.page.fill("#prompt", "When Mary and John went to the store, John gave a drink to")
+    lab.page.fill("#max-new", "200")
+    lab.page.click("#gen-run")
+    lab.wait("document.querySelectorAll('#gen-text .gtok').length >= 2")
+    lab.page.click("#gen-stop")
+    lab.wait("!document.getElementById('gen-run').disabled")
+    made = lab.page.locator("#gen-text .gtok").count()
+    assert _outcomes(lab, "gen")[-1] == "stopped" and 2 <= made < 200
+    _idle(lab)
+    # the circuit: stopped before it finishes
+    lab.page.fill("#prompt", LONG)
+    lab.page.fill("#circuit-depth", "4")
+    lab.page.click("#circuit-run")
+    lab.wait("!document.getElementById('circuit-stop').disabled")
+    lab.page.click("#circuit-stop")
+    lab.wait("document.getElementById('circuit-stop').disabled")
+    assert _outcomes(lab, "circuit")[-1] == "stopped"
+    _idle(lab)
+
+
+def test_a_busy_model_shows_the_queue_position(lab):
+    lab.page.fill("#clean", "When Mary and John went to the store, John gave a drink to")
+    lab.page.fill("#corrupt", "When Mary and John went to the store, Mary gave a drink to")
+    lab.page.select_option("#sweep", "heads-pos")  # 3780 variants: seconds of chunks, progress after each
+    lab.page.click("#patch-run")
+    lab.wait("document.getElementById('patch-progress').value > 0", timeout=120_000)
+    n = lab.page.evaluate("window.hexrayLab.analyses")
+    lab.page.fill("#prompt", "The capital of France is")
+    lab.page.click("#run")
+    lab.wait("document.getElementById('analysis-queue').textContent.includes('1 ahead')")
+    assert "1 job ahead" in lab.text("#status")
+    lab.page.click("#patch-stop")  # the analysis gets its turn
+    lab.analysed(n)
+    assert lab.text("#analysis-queue") == ""
+    _idle(lab)

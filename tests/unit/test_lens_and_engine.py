@@ -394,3 +394,55 @@ def test_encode_with_a_bos_adding_tokenizer(tiny_model, bos_adding_model):
     assert bos_adding_model.encode("Mary and John", prepend_bos=False) == raw
     ids, offsets = bos_adding_model.encode_with_offsets("Mary and John", prepend_bos=False)
     assert ids == raw and len(offsets) == len(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# live layers: what the server streams while the pass runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layer_snapshots_arrive_during_the_pass_and_match_hf(tiny_model, tiny_hf_model):
+    """Each block is reported before the next one starts, with the values HF's own forward gives."""
+    from hexray.analysis.report import AnalysisOptions, analyze
+
+    spec = tiny_model.spec
+    started: list[int] = []  # blocks begun, counted by a hook of the test's own
+    seen = []
+
+    def count(x, hook=None):
+        started.append(1)
+
+    def on_layer(snapshot):
+        seen.append((snapshot, len(started)))
+
+    with tiny_model.bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", count) for layer in range(spec.n_layers)]):
+        report = analyze(tiny_model, PROMPT, AnalysisOptions(target=" Mary", residual=True, logit_lens=True), on_layer=on_layer)
+    assert [s.layer for s, _ in seen] == list(range(spec.n_layers))
+    assert [begun for _, begun in seen] == list(range(1, spec.n_layers + 1))  # block L reported before block L+1 began
+    ids = torch.tensor([list(report.trace.token_ids)])
+    with torch.no_grad():
+        hidden = tiny_hf_model(ids, output_hidden_states=True).hidden_states  # [n_layers + 1] of [1, pos, d]
+    mary = tiny_model.single_token(" Mary")
+    for snapshot, _ in seen:
+        after = hidden[snapshot.layer + 1][0] if snapshot.layer + 1 < spec.n_layers else None
+        if after is not None:  # HF's last hidden state is after the final norm; the others are the raw stream
+            np.testing.assert_allclose(snapshot.resid_norm, after.norm(dim=-1).numpy(), rtol=1e-4)
+        row = report.logit_lens.rows[snapshot.layer + 1]
+        assert [t.id for t in snapshot.lens] == [t.id for t in row.top]
+        assert snapshot.target_rank == row.target_rank and snapshot.target_prob == pytest.approx(row.target_prob, rel=1e-5)
+        assert snapshot.position == ids.shape[1] - 1 and report.attribution.target.id == mary
+
+
+def test_a_failing_layer_callback_stops_the_pass(tiny_model):
+    """The callback runs inside the pass: what it raises ends the analysis there (the server's stop)."""
+    from hexray.analysis.report import analyze
+
+    class Stop(Exception):
+        pass
+
+    def on_layer(snapshot):
+        if snapshot.layer == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        analyze(tiny_model, PROMPT, on_layer=on_layer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 import pytest
 import typer.main
@@ -81,8 +82,8 @@ def test_every_analysis_reaches_json_report_console_and_lab(everything, analysis
     render_report(report, console)
     if analysis.table is not None and analysis.console is None:
         assert analysis.table(result, ctx).title in console.export_text()
-    index = (STATIC / "index.html").read_text()
-    assert f'id="{analysis.lab_panel}"' in index, f"{analysis.name}: the lab has no panel {analysis.lab_panel}"
+    panels = {re.search(r'\bid: "([a-z]+)",', f.read_text()).group(1) + "-panel" for f in (STATIC / "js" / "panels").glob("*.js") if f.name != "index.js"}
+    assert analysis.lab_panel in panels, f"{analysis.name}: the lab has no panel module {analysis.lab_panel}"
     if analysis.lab_panel == "analyses-panel":
         assert analysis.table is not None, f"{analysis.name}: the generic lab panel draws a table"
         assert analysis.name in doc["views"]
@@ -114,8 +115,8 @@ def test_one_set_of_defaults():
         if option.api:
             assert schemas.GenerateRequest.model_fields[option.request_field].default == (list(option.default) if isinstance(option.default, tuple) else option.default)
         assert getattr(GenerationOptions(), option.name) == option.default
-    assert "max_new_tokens" in (STATIC / "lab.js").read_text()  # the lab reads its default from /api/options
-    assert 'value="24"' not in (STATIC / "index.html").read_text()
+    assert "max_new_tokens" in (STATIC / "js" / "panels" / "gen.js").read_text()  # the lab reads its default from /api/options
+    assert 'value="24"' not in (STATIC / "js" / "panels" / "gen.js").read_text()
 
 
 def test_errors_name_the_field_the_cli_spells_the_flag_and_the_api_its_request_field(cli, tiny_llama):

@@ -5,6 +5,7 @@ the WebSockets stream the same documents; the lab page is served offline; prompt
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import threading
 import time
@@ -180,19 +181,32 @@ def test_token_text_comes_back_as_data(client):
     assert "".join(r.json()["tokens"]).startswith("<img")
 
 
+def _scripts() -> dict[str, str]:
+    """Every page module, by its path under /static/ (``js/main.js``, ``js/panels/dla.js`` ...)."""
+    return {f.relative_to(STATIC).as_posix(): f.read_text(encoding="utf-8") for f in sorted(STATIC.rglob("*.js"))}
+
+
 def test_lab_page_and_its_assets_are_served_offline(client):
-    """``/`` is the lab (loading /static/lab.js); every asset is local; no CDN-backed /docs."""
+    """``/`` is the lab (one ES module, /static/js/main.js, importing the rest); every asset is local; no CDN-backed /docs."""
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text == (STATIC / "index.html").read_text(encoding="utf-8")
     refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page.text)
-    assert "/static/lab.js" in refs and "/static/lab.css" in refs and "/static/favicon.svg" in refs
-    assert re.search(r"""<script\b[^>]*\bsrc=["']/static/lab\.js["']""", page.text)
+    assert "/static/js/main.js" in refs and "/static/lab.css" in refs and "/static/favicon.svg" in refs
+    assert re.search(r"""<script\b[^>]*\btype=["']module["'][^>]*\bsrc=["']/static/js/main\.js["']""", page.text)
     for ref in refs:  # relative or same-origin: no scheme (http:, data:, javascript: ...) and no //host
         assert not re.match(r"^([a-z][a-z0-9+.-]*:|//)", ref, re.IGNORECASE), ref
         if ref.startswith("/static/"):
             assert client.get(ref).status_code == 200, ref
-    for name, kind in [("lab.js", "javascript"), ("lab.css", "text/css"), ("favicon.svg", "image/svg+xml")]:
+    scripts = _scripts()
+    assert {"js/main.js", "js/api.js", "js/store.js", "js/draw.js", "js/panels/index.js"} <= set(scripts)
+    for path, text in scripts.items():  # every import is a relative module that is served
+        for target in re.findall(r"""^import [^;]*? from ["']([^"']+)["'];""", text, re.M):
+            assert target.startswith("./") or target.startswith("../"), (path, target)
+            resolved = (Path("/static") / path).parent.joinpath(target).resolve().as_posix()
+            r = client.get(resolved)
+            assert r.status_code == 200 and "javascript" in r.headers["content-type"], (path, target, resolved)
+    for name, kind in [("js/main.js", "javascript"), ("lab.css", "text/css"), ("favicon.svg", "image/svg+xml")]:
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"], (name, r.headers["content-type"])
         assert r.content == (STATIC / name).read_bytes()
@@ -202,8 +216,8 @@ def test_lab_page_and_its_assets_are_served_offline(client):
 
 
 def test_no_static_asset_references_an_external_url():
-    files = [f for f in STATIC.iterdir() if f.is_file()]
-    assert {"index.html", "lab.js", "lab.css", "favicon.svg"} <= {f.name for f in files}
+    files = [f for f in STATIC.rglob("*") if f.is_file()]
+    assert {"index.html", "main.js", "lab.css", "favicon.svg"} <= {f.name for f in files}
     for f in files:
         text = f.read_text(encoding="utf-8")
         if f.name.endswith(".svg"):  # an XML namespace is a name, never fetched
@@ -214,12 +228,23 @@ def test_no_static_asset_references_an_external_url():
 
 
 def test_the_page_script_only_calls_endpoints_that_exist(client):
-    """Every /api/... and /ws/... path lab.js names is a route of the app."""
-    script = (STATIC / "lab.js").read_text(encoding="utf-8")
-    called = set(re.findall(r"""["'`](/(?:api|ws)/[a-z_]+)""", script))
-    assert {"/ws/analyze", "/ws/patch", "/ws/generate", "/api/attention", "/api/health"} <= called
+    """Every /api/... and /ws/... path a page module names is a route of the app."""
+    called = {path for text in _scripts().values() for path in re.findall(r"""["'`](/(?:api|ws)/[a-z_]+)""", text)}
+    assert {"/ws/analyze", "/ws/patch", "/ws/generate", "/ws/attention", "/ws/flow", "/ws/circuit", "/api/health", "/api/presets"} <= called
     routes = {route.path for route in client.app.routes}
     assert called <= routes, called - routes
+
+
+def test_the_lab_has_a_panel_for_every_registered_analysis():
+    """The page's panel registry mirrors the server's: each analysis's ``lab_panel`` is a panel module's id."""
+    from hexray.analysis.registry import analyses
+
+    scripts = _scripts()
+    listed = re.findall(r"""^import (\w+) from "\./(\w+)\.js";""", scripts["js/panels/index.js"], re.M)
+    order = re.search(r"PANELS = \[([^\]]*)\]", scripts["js/panels/index.js"]).group(1).replace(" ", "").split(",")
+    assert sorted(order) == sorted(name for name, _ in listed)  # every imported panel is registered
+    ids = {re.search(r"""\bid: "([a-z]+)",""", scripts[f"js/panels/{module}.js"]).group(1) + "-panel" for _, module in listed}
+    assert {a.lab_panel for a in analyses()} <= ids
 
 
 def test_api_page_lists_the_endpoints(client, tiny_llama):
@@ -306,18 +331,22 @@ def test_ws_analyze_streams_layers_then_the_post_document(client, tiny_llama):
     request = {"prompt": CLEAN, "granularity": "head", "predictions_k": 3}
     with client.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
         messages = _stream(ws, request)
-    assert [m["type"] for m in messages] == ["layer"] * spec.n_layers + ["done"]
+    assert [m["type"] for m in messages] == ["layer"] * spec.n_layers + ["attribution"] * spec.n_layers + ["done"]
     done = _without_type(messages[-1])
     r = client.post("/api/analyze", json=request)
     assert r.status_code == 200, r.text
     assert done == r.json()
     n_tokens = len(done["tokens"])
-    for layer, m in enumerate(messages[:-1]):
-        assert m["layer"] == layer and m["n_layers"] == spec.n_layers
-        assert len(m["heads"]) == spec.n_heads and m["heads"] == done["head_scores"][layer]
-        assert m["attn"] == done["layer_totals"]["attn"][layer] and m["mlp"] == done["layer_totals"]["mlp"][layer]
-        assert m["lens"] == done["logit_lens"]["layers"][layer + 1]  # row 0 is the embeddings
+    live, rows = messages[: spec.n_layers], messages[spec.n_layers : -1]
+    for layer, m in enumerate(live):  # read during the pass: they agree with the finished analysis
+        assert m["layer"] == layer and m["n_layers"] == spec.n_layers and m["position"] == n_tokens - 1
+        assert [t["id"] for t in m["lens"]] == [t["id"] for t in done["logit_lens"]["layers"][layer + 1]["top"]]  # row 0 is the embeddings
+        assert m["target_rank"] is None  # the default target is known only after the last layer
         assert len(m["resid_norm"]) == n_tokens and m["resid_norm"] == done["residual"]["resid_norm"][layer + 1]
+        assert m["attn_norm"] == done["residual"]["attn_delta_norm"][layer] and m["mlp_norm"] == done["residual"]["mlp_delta_norm"][layer]
+    for layer, m in enumerate(rows):
+        assert m["layer"] == layer and len(m["heads"]) == spec.n_heads and m["heads"] == done["head_scores"][layer]
+        assert m["attn"] == done["layer_totals"]["attn"][layer] and m["mlp"] == done["layer_totals"]["mlp"][layer]
     predictions = done["predictions"]
     assert len(predictions) == n_tokens
     for row in predictions:
@@ -465,14 +494,14 @@ def test_closing_the_socket_cancels_generation(client, tiny_llama, monkeypatch):
 def test_health_counts_queued_jobs(client, monkeypatch):
     """A job waiting for the model shows in ``queued``; the model is ``busy`` while one runs."""
     release, started = threading.Event(), threading.Event()
-    real = app_module._analysis
+    real = app_module._analysis_job
 
-    def gated(model, req):
+    def gated(model, req, job):
         started.set()
         assert release.wait(30)
-        return real(model, req)
+        return real(model, req, job)
 
-    monkeypatch.setattr(app_module, "_analysis", gated)
+    monkeypatch.setattr(app_module, "_analysis_job", gated)
     with ThreadPoolExecutor(2) as pool:
         try:
             first = pool.submit(client.post, "/api/analyze", json={"prompt": "The cat", "top_k": 2})
@@ -485,6 +514,39 @@ def test_health_counts_queued_jobs(client, monkeypatch):
         assert first.result(timeout=60).status_code == 200 and second.result(timeout=60).status_code == 200
     health = _health_until(client, lambda h: not h["busy"])
     assert health["busy"] is False and health["queued"] == 0
+
+
+def test_a_queued_socket_hears_its_place_and_leaving_frees_it(client, monkeypatch):
+    """Behind a running job, a socket is told how many jobs are ahead, then ``running``; one that closes while queued leaves the queue."""
+    release, started = threading.Event(), threading.Event()
+    real = app_module._analysis_job
+
+    def gated(model, req, job):
+        if req.prompt == "The cat":
+            started.set()
+            assert release.wait(30)
+        return real(model, req, job)
+
+    monkeypatch.setattr(app_module, "_analysis_job", gated)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(client.post, "/api/analyze", json={"prompt": "The cat", "top_k": 2})
+            assert started.wait(30)
+            with client.websocket_connect("ws://127.0.0.1/ws/analyze") as leaver:  # queued, then gone
+                leaver.send_text(json.dumps({"prompt": "The bird", "top_k": 2}))
+                assert leaver.receive_json() == {"type": "queued", "ahead": 1}
+            _health_until(client, lambda h: h["queued"] == 0)
+            with client.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
+                ws.send_text(json.dumps({"prompt": "The dog", "top_k": 2}))
+                assert ws.receive_json() == {"type": "queued", "ahead": 1}
+                release.set()
+                messages = []
+                while not messages or messages[-1]["type"] not in ("done", "error"):
+                    messages.append(ws.receive_json())
+        finally:
+            release.set()
+        assert first.result(timeout=60).status_code == 200
+    assert messages[0] == {"type": "running"} and messages[-1]["type"] == "done" and messages[-1]["prompt"] == "The dog"
 
 
 @pytest.fixture()
@@ -564,10 +626,10 @@ def test_a_close_frame_from_the_client_cancels_the_work(client, tiny_llama, monk
 
 
 def test_ws_unexpected_failure_is_a_prompt_500_message(tiny_llama, monkeypatch):
-    def broken(model, req):
+    def broken(model, req, job):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module, "_analysis", broken)
+    monkeypatch.setattr(app_module, "_analysis_job", broken)
     messages = []
     with TestClient(create_app(tiny_llama, time_limit=1), base_url="http://127.0.0.1") as c:
         with c.websocket_connect("ws://127.0.0.1/ws/analyze") as ws:
@@ -611,3 +673,57 @@ def test_open_waits_for_the_server_then_opens_the_lab(monkeypatch):
         port = listening.getsockname()[1]
         cli_module._open_when_listening("127.0.0.1", port, f"http://127.0.0.1:{port}/", wait=5)
     assert opened == [f"http://127.0.0.1:{port}/"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the lab's views: presets, token flow, the circuit; every job over a socket too
+# ---------------------------------------------------------------------------------------------
+
+
+def test_presets_are_served_with_their_expected_circuits(client):
+    from hexray.presets import PRESETS
+
+    r = client.get("/api/presets")
+    assert r.status_code == 200
+    served = r.json()["presets"]
+    assert [p["name"] for p in served] == [p.name for p in PRESETS]
+    assert {"ioi", "induction", "factual", "greater-than", "duplicate-token"} <= {p["name"] for p in served}
+    assert all(p["expected"] and "\n" not in p["expected"] for p in served)
+
+
+def test_flow_is_the_token_flow_document(client, tiny_llama):
+    from hexray.analysis.flow import token_flow
+    from hexray.render.jsondoc import token_flow_document
+
+    r = client.post("/api/flow", json={"prompt": CLEAN, "layer": 1, "exclude_first_key": True})
+    assert r.status_code == 200, r.text
+    assert r.json() == json.loads(json.dumps(token_flow_document(token_flow(tiny_llama, CLEAN, layer=1, exclude_first_key=True))))
+    assert r.json()["sink_excluded"] is True and all(p["key"] > 0 for p in r.json()["top_pairs"])
+    bad = client.post("/api/flow", json={"prompt": CLEAN, "layer": 99})
+    assert bad.status_code == 422 and "layer 99" in bad.json()["error"] and "\n" not in bad.json()["error"]
+
+
+def test_circuit_is_the_circuit_document(client, tiny_llama):
+    from hexray.analysis.circuit import circuit
+    from hexray.render.jsondoc import circuit_document
+
+    request = {"prompt": CLEAN, "target": " Mary", "k": 2, "depth": 1}
+    with client.websocket_connect("ws://127.0.0.1/ws/circuit") as ws:
+        messages = _stream(ws, request)
+    assert [m["type"] for m in messages] == ["done"]
+    expected = json.loads(json.dumps(circuit_document(circuit(tiny_llama, CLEAN, target=" Mary", k=2, depth=1))))
+    assert _without_type(messages[-1]) == expected == client.post("/api/circuit", json=request).json()
+    for bad, field in (({"k": 0}, "k"), ({"depth": 9}, "depth"), ({"target": " Mary had"}, "target")):
+        r = client.post("/api/circuit", json={**request, **bad})
+        assert r.status_code == 422 and field in r.json()["error"], r.json()
+
+
+def test_every_job_is_served_over_a_socket_too(client):
+    """The lab runs every job over a socket (so a newer request can stop it): each POST endpoint has its /ws twin."""
+    routes = {route.path for route in client.app.routes}
+    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets")}
+    assert {"analyze", "attention", "flow", "circuit", "patch", "ablate", "heads", "generate", "analyze/set", "patch/set", "ablate/set"} <= posts
+    assert {f"/ws/{name}" for name in posts} <= routes
+    with client.websocket_connect("ws://127.0.0.1/ws/attention") as ws:
+        messages = _stream(ws, {"prompt": CLEAN, "layer": 1, "head": 0})
+    assert [m["type"] for m in messages] == ["done"] and messages[-1]["name"] == "L1H0"

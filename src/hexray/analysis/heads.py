@@ -11,6 +11,9 @@ query positions where that role has a prediction (so a perfect head scores 1):
 
 TransformerLens's ``detect_head(error_measure="mul")`` divides the same attention mass by *every*
 query row instead, so ``tl_score = score * rows_with_a_prediction / seq_len``.
+
+:func:`head_attention` is the head inspector: one head's pattern on a prompt with its entropy,
+concentration, value and output norms and strongest (query, key) pairs besides the role scores.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole, PromptRef
+from hexray.analysis.results import HEAD_ROLES, HeadAttention, HeadClassification, HeadRole, PromptRef, TokenPair
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.options import Option, options_class
@@ -66,14 +69,6 @@ def role_scores(patterns: torch.Tensor, detection: torch.Tensor) -> tuple[torch.
         return torch.full(patterns.shape[:-2], float("nan")), 0
     mass = (patterns * detection).sum(-1)  # [..., q]
     return mass[..., rows].mean(-1), n_rows
-
-
-def _patterns(model: LoadedModel, batch: torch.Tensor, layers: range | None = None) -> torch.Tensor:
-    """Attention patterns of ``layers`` (default all) for token ids [batch, pos]: [batch, layers, heads, q, k]."""
-    layers = range(model.spec.n_layers) if layers is None else layers
-    names = [sites.attn_pattern(layer) for layer in layers]
-    _, rows = capture(model, batch.tolist(), names, stop_after_layer=max(layers))  # nothing past the last pattern is read
-    return torch.stack([torch.stack([row[name] for name in names]) for row in rows]).cpu()
 
 
 def repeated_random_tokens(model: LoadedModel, *, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
@@ -128,27 +123,104 @@ def head_attention(
     n_sequences: int = 4,
     seed: int = 0,
     prepend_bos: bool | None = None,
+    exclude_first_key: bool | None = None,
 ) -> HeadAttention:
-    """One head's attention pattern on ``prompt`` and its role scores (what clicking a head shows).
+    """One head's attention on ``prompt``: its pattern, inspector metrics and role scores (what clicking a head shows).
 
-    Two forward passes, the prompt and the induction data, each caching only ``layer``'s pattern.
+    Two forward passes: the prompt (``layer``'s pattern and values only, stopping after ``layer``;
+    every metric comes from it) and the induction data. Means over queries skip query 0, which can
+    only attend to itself. ``top_pairs`` ranks (query, key) pairs with ``k <= q`` by attention
+    weight, ``top_moved_pairs`` by weight x ``||v_k||`` (how much of the key's value the pair
+    carries); both leave out query 0, and key 0 when it is a special token (BOS or a chat marker,
+    where idle heads park their attention: ``sink_excluded``). ``exclude_first_key`` overrides
+    that rule: True always leaves key 0 out (trained models use the first token as their sink
+    whether or not it is BOS), False never.
     """
-    spec = model.spec
-    if not 0 <= layer < spec.n_layers:
-        raise HexRayError(f"layer {layer} is out of range for {model.name}", hint=f"use 0..{spec.n_layers - 1}")
-    if not 0 <= head < spec.n_heads:
-        raise HexRayError(f"head {head} is out of range for {model.name}", hint=f"use 0..{spec.n_heads - 1}")
+    check_layer(model, layer)
+    if not 0 <= head < model.spec.n_heads:
+        raise HexRayError(f"head {head} is out of range for {model.name}", hint=f"use 0..{model.spec.n_heads - 1}")
     _check_induction_data(model, seq_len, n_sequences)
     ids, _ = tokenize_prompt(model, prompt, prepend_bos=prepend_bos)
     tokens = torch.tensor(ids)
-    pattern = _patterns(model, tokens[None], range(layer, layer + 1))[0, 0, head]  # [q, k]
+    _, rows = capture(model, [ids], [sites.attn_pattern(layer), sites.head_v(layer)], stop_after_layer=layer)  # nothing past the layer is read
+    pattern = rows[0][sites.attn_pattern(layer)][head].cpu()  # [q, k]
+    kv_head = head // (model.spec.n_heads // model.spec.n_kv_heads)  # grouped-query attention: heads share a kv head
+    values = rows[0][sites.head_v(layer)][:, kv_head].cpu().double()  # [k, d_head]
+    W_O = model.block_weight(layer, "attn", "W_O")[head].detach().cpu().double()  # [d_head, d_model]
     scores = {r: float(v) for r, v in _prompt_role_scores(pattern, tokens).items()} if len(ids) >= 2 else {}
     induction = _induction_scores(model, range(layer, layer + 1), seq_len=seq_len, n_sequences=n_sequences, seed=seed)
     scores["induction"] = float(induction[0, head])
+
+    a = pattern.double()  # [q, k]
+    entropy = -(a * a.clamp_min(1e-30).log()).sum(-1)  # [q], nats; 0 log 0 = 0
+    concentration = a.max(-1).values  # [q]
+    value_norm = values.norm(dim=-1)  # [k]
+    output_norm = ((a @ values) @ W_O).norm(dim=-1)  # [q]: |z_q W_O[h]|, before any bias or post-attention norm
+    token_strs = tuple(model.token_strs(ids))
+    sink = first_key_is_sink(model, ids) if exclude_first_key is None else exclude_first_key
+    allowed = pair_mask(len(ids), sink, diagonal=True)  # [q, k]
+    moved = a * value_norm[None, :]  # [q, k]
     return HeadAttention(
-        ref=PromptRef(model.name, prompt, tuple(model.token_strs(ids)), tuple(ids)), layer=layer, head=head,
-        pattern=pattern.cpu().numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
+        ref=PromptRef(model.name, prompt, token_strs, tuple(ids)), layer=layer, head=head,
+        pattern=pattern.numpy(), scores={r: scores.get(r, float("nan")) for r in HEAD_ROLES},
+        entropy=entropy.numpy(), mean_entropy=_mean_after_first(entropy),
+        concentration=concentration.numpy(), mean_concentration=_mean_after_first(concentration),
+        value_norm=value_norm.numpy(), output_norm=output_norm.numpy(), sink_excluded=sink,
+        top_pairs=strongest_pairs(a, allowed, token_strs, TOP_PAIRS, moved=moved),
+        top_moved_pairs=strongest_pairs(moved, allowed, token_strs, TOP_PAIRS, weights=a, moved=moved),
     )
+
+
+TOP_PAIRS = 10  # pairs listed by the head inspector
+
+
+def check_layer(model: LoadedModel, layer: int) -> None:
+    """A HexRayError naming the valid range unless ``layer`` is one of the model's layers."""
+    if not 0 <= layer < model.spec.n_layers:
+        raise HexRayError(f"layer {layer} is out of range for {model.name}", hint=f"use 0..{model.spec.n_layers - 1}")
+
+
+def first_key_is_sink(model: LoadedModel, ids: list[int]) -> bool:
+    """Whether position 0 holds a special token (BOS, a chat marker): the attention sink pair rankings leave out."""
+    return bool(ids) and ids[0] in set(model.tokenizer.all_special_ids or [])
+
+
+def pair_mask(n: int, exclude_first_key: bool, *, diagonal: bool) -> torch.Tensor:
+    """The (query, key) pairs worth ranking for ``n`` tokens: [q, k] bool, causal, without query 0.
+
+    ``diagonal``: keep ``k == q`` (a head reading its own position); without it only ``k < q``.
+    """
+    allowed = torch.ones(n, n, dtype=torch.bool).tril(0 if diagonal else -1)
+    allowed[0] = False  # query 0 has no choice
+    if exclude_first_key:
+        allowed[:, 0] = False
+    return allowed
+
+
+def strongest_pairs(
+    ranking: torch.Tensor, allowed: torch.Tensor, tokens: tuple[str, ...], n: int, *,
+    weights: torch.Tensor | None = None, moved: torch.Tensor | None = None,
+) -> tuple[TokenPair, ...]:
+    """The ``n`` ``allowed`` pairs with the largest ``ranking`` [q, k], strongest first (ties: earlier query, then key).
+
+    Each pair's ``weight`` is read from ``weights`` (default: ``ranking`` itself), ``moved`` from ``moved``.
+    """
+    weights = ranking if weights is None else weights
+    flat = ranking.double().masked_fill(~allowed, float("-inf")).flatten().numpy()  # [q * k]
+    order = [int(i) for i in np.argsort(-flat, kind="stable")[: min(n, int(allowed.sum()))]]
+    width = ranking.shape[1]
+    return tuple(
+        TokenPair(
+            query=i // width, key=i % width, query_token=tokens[i // width], key_token=tokens[i % width],
+            weight=float(weights[i // width, i % width]), moved=None if moved is None else float(moved[i // width, i % width]),
+        )
+        for i in order
+    )
+
+
+def _mean_after_first(per_query: torch.Tensor) -> float:
+    """The mean over queries 1.. (NaN for a one-token prompt)."""
+    return float(per_query[1:].mean()) if per_query.shape[0] > 1 else float("nan")
 
 
 def _check_induction_data(model: LoadedModel, seq_len: int, n_sequences: int) -> None:

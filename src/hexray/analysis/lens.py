@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hexray.analysis.attribution import token_score
@@ -11,6 +13,7 @@ from hexray.analysis.results import LensRow, LogitLens, ResidualTrace, TokenScor
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.tracing import sites
 from hexray.tracing.engine import Trace, resolve_position
+from hexray.tracing.sites import Hook
 
 
 def lens_hooks(spec: ModelSpec) -> set[str]:
@@ -101,4 +104,45 @@ def residual_trace(model: LoadedModel, trace: Trace, *, lens_positions: Sequence
         lens_top_tokens=tuple(top_tokens),
         lens_top_probs=torch.stack(top_probs).cpu().numpy(),
         lens_positions=positions,
+    )
+
+
+@dataclass(frozen=True)
+class LayerSnapshot:
+    """One block's result, read while the forward pass is still running (what the lab streams).
+
+    ``lens`` is the lens at the explained position only (one vocabulary product a layer: the
+    whole grid comes with the finished analysis); ``target_rank`` only when the target was given,
+    since the default target, the prediction, is known only after the last layer.
+    """
+
+    layer: int
+    n_layers: int
+    position: int
+    resid_norm: np.ndarray  # [pos]: |resid| after the block
+    attn_norm: np.ndarray | None  # [pos]: |attention output| (None when the residual analysis is off)
+    mlp_norm: np.ndarray | None  # [pos]
+    lens: tuple[TokenScore, ...]  # top tokens at ``position`` after the block
+    target_rank: int | None
+    target_prob: float | None
+
+
+def layer_snapshot(model: LoadedModel, layer: int, acts: Mapping[Hook, torch.Tensor], *, position: int = -1, target: int | None = None, k: int = 5) -> LayerSnapshot:
+    """What ``acts`` (the hooks a running pass has seen) say about block ``layer``."""
+    resid = acts[sites.resid_post(layer)]  # [pos, d_model]
+    pos = resolve_position(position, resid.shape[0])
+    attn, mlp = acts.get(sites.attn_out(layer)), acts.get(sites.mlp_out(layer))
+    with torch.inference_mode():
+        logits = lens_logits(model, resid[pos])  # [d_vocab]
+        probs = torch.softmax(logits.double(), dim=-1)
+        top_p, top_i = probs.topk(min(k, probs.shape[-1]))
+    top = tuple(TokenScore(model.token_str(i), int(i), float(logits[i]), float(p)) for p, i in zip(top_p.tolist(), top_i.tolist()))
+    return LayerSnapshot(
+        layer=layer, n_layers=model.spec.n_layers, position=pos,
+        resid_norm=resid.norm(dim=-1).cpu().numpy(),
+        attn_norm=None if attn is None else attn.norm(dim=-1).cpu().numpy(),
+        mlp_norm=None if mlp is None else mlp.norm(dim=-1).cpu().numpy(),
+        lens=top,
+        target_rank=None if target is None else int((logits > logits[target]).sum()),
+        target_prob=None if target is None else float(probs[target]),
     )

@@ -6,11 +6,12 @@ each is rendered come from :mod:`hexray.analysis.registry`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hexray.analysis.attribution import direct_logit_attribution
+from hexray.analysis.lens import LayerSnapshot, layer_snapshot
 from hexray.analysis.registry import Analysis, Context, analyses
 from hexray.analysis.results import GRANULARITIES, Attribution, ComparableResult
 from hexray.errors import HexRayError
@@ -85,14 +86,21 @@ def plan_hooks(spec: ModelSpec, options) -> set[str]:
     return hooks
 
 
-def analyze(model: LoadedModel, prompt: str, options=None) -> Report:
-    """Run ``prompt`` once and compute every analysis ``options`` asks for."""
+def analyze(model: LoadedModel, prompt: str, options=None, *, on_layer: Callable[[LayerSnapshot], None] | None = None) -> Report:
+    """Run ``prompt`` once and compute every analysis ``options`` asks for.
+
+    ``on_layer`` gets a :class:`LayerSnapshot` as each block finishes, during the forward pass.
+    """
     options = AnalysisOptions() if options is None else options
     options.validate()
     # resolve everything a user can get wrong before the forward pass
     target = model.single_token(options.target, role="target") if options.target is not None else None
     contrast = model.single_token(options.contrast, role="contrast") if options.contrast is not None else None
-    trace = run_trace(model, prompt, plan_hooks(model.spec, options), prepend_bos=options.prepend_bos)
+    watch = None
+    if on_layer is not None:
+        def watch(layer, acts):
+            on_layer(layer_snapshot(model, layer, acts, position=options.token_index, target=target, k=getattr(options, "lens_k", 5)))
+    trace = run_trace(model, prompt, plan_hooks(model.spec, options), prepend_bos=options.prepend_bos, on_layer=watch)
     attribution = direct_logit_attribution(
         model, trace, position=options.token_index, target=target, contrast=contrast, granularity=options.granularity
     )

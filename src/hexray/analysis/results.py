@@ -284,16 +284,116 @@ class HeadClassification(OnPrompt, ComparableResult):
         return [(int(i // s.shape[1]), int(i % s.shape[1]), float(s.flat[i])) for i in flat]
 
 
+@dataclass(frozen=True)
+class TokenPair:
+    """Query position ``query`` attending to key position ``key`` (``key <= query``), with both tokens."""
+
+    query: int
+    key: int
+    query_token: str
+    key_token: str
+    weight: float  # the attention weight (a token flow: summed over heads, and over layers for its total)
+    moved: float | None = None  # weight x ||v_key||: how much of the key's value the pair carries (head inspector only)
+
+
 @dataclass(frozen=True, eq=False)
 class HeadAttention(OnPrompt, ComparableResult):
-    """One head's attention on a prompt, with its role scores (induction from random repeats)."""
+    """One head's attention on a prompt: the pattern, inspector metrics and role scores (induction from random repeats).
+
+    Means are over queries 1.. (query 0 can only attend to itself). The pair lists leave out query
+    0, and key 0 when ``sink_excluded`` (it holds a special token: BOS or a chat marker).
+    """
 
     ref: PromptRef
     layer: int
     head: int
     pattern: np.ndarray  # [q, k]: row q is where query position q attends
     scores: dict[str, float]  # role -> score, NaN where the prompt gives the role nothing to score
+    entropy: np.ndarray  # [q]: -sum_k A log A, nats (0: one key; log(q + 1): uniform)
+    mean_entropy: float  # over queries 1.. (NaN for one token)
+    concentration: np.ndarray  # [q]: the largest weight of each query's row
+    mean_concentration: float  # over queries 1..
+    value_norm: np.ndarray  # [k]: ||v_k||, the head's value vector (grouped-query attention: its kv head's)
+    output_norm: np.ndarray  # [q]: ||(sum_k A_qk v_k) W_O[h]||, what the head writes to the residual (no bias, before any post-norm)
+    sink_excluded: bool  # key 0 is a special token, left out of the pair lists
+    top_pairs: tuple[TokenPair, ...]  # the strongest pairs (k <= q) by weight, strongest first
+    top_moved_pairs: tuple[TokenPair, ...]  # the strongest pairs by weight x ||v_k|| (``moved``), strongest first
 
     @property
     def name(self) -> str:
         return head(self.layer, self.head).name
+
+
+@dataclass(frozen=True, eq=False)
+class TokenFlow(OnPrompt, ComparableResult):
+    """Attention between token pairs, summed over heads and layers (what the lab's arc diagram draws).
+
+    Every head's row sums to 1, so a row of ``total`` sums to ``n_layers * n_heads`` and a row of
+    ``layer_map`` to ``n_heads``. ``top_pairs`` ranks the map shown: ``layer_map`` when ``layer``
+    is set, else ``total``.
+    """
+
+    ref: PromptRef
+    n_heads: int
+    total: np.ndarray  # [q, k]: sum over layers and heads of A_lhqk
+    by_layer: np.ndarray  # [n_layers]: the share of queries 1..'s attention each layer puts off the diagonal (k < q)
+    sink_by_layer: np.ndarray  # [n_layers]: the share each layer puts on key 0 (included in by_layer)
+    layer: int | None  # the layer of ``layer_map`` (None: none asked for)
+    layer_map: np.ndarray | None  # [q, k]: ``layer``'s pattern summed over heads
+    sink_excluded: bool  # key 0 is a special token (BOS, a chat marker), left out of top_pairs
+    top_pairs: tuple[TokenPair, ...]  # the strongest off-diagonal pairs (k < q) of the map shown, strongest first
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.by_layer.shape[0])
+
+    @property
+    def shown(self) -> np.ndarray:
+        """The map ``top_pairs`` ranks, [q, k]: ``layer_map`` when a layer was asked for, else ``total``."""
+        return self.total if self.layer_map is None else self.layer_map
+
+
+@dataclass(frozen=True)
+class CircuitNode:
+    """A component of a :class:`Circuit` with its direct logit attribution ``score`` (exact)."""
+
+    component: Component
+    score: float
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+
+@dataclass(frozen=True)
+class CircuitEdge:
+    """``source`` feeds ``destination`` (None: the explained logit) by ``score``.
+
+    Into the logit, ``score`` is the source's exact direct attribution (``exact``); between
+    components it is input × gradient, a first-order estimate (not ``exact``).
+    """
+
+    source: Component
+    destination: Component | None
+    score: float
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Circuit(OnPrompt):
+    """The strongest contributors to ``value`` at ``position`` and, level by level, theirs.
+
+    ``nodes``: every component on an edge, in the order found, each with its DLA score;
+    ``edges``: the logit's top contributors first (by ``|score|``), then each expanded node's parents.
+    """
+
+    ref: PromptRef
+    position: int
+    target: TokenScore
+    contrast: TokenScore | None
+    value: float
+    nodes: tuple[CircuitNode, ...]
+    edges: tuple[CircuitEdge, ...]
+    head_write_norm: np.ndarray  # [n_layers, n_heads]: |z_h W_O[h]| at ``position``, every head (before any post-norm)
+    mlp_write_norm: np.ndarray  # [n_layers]: |mlp_out| at ``position``
+    method: str = "input × gradient (first order)"

@@ -10,11 +10,18 @@ from rich.text import Text
 from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult
+from hexray.render.palette import sign_colour
 from hexray.tracing.sites import head as head_component
 from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassification, LogitLens, ResidualTrace, StepAttribution, WeightView
 
 BAR_WIDTH = 25
 MAX_GRID_POSITIONS = 8
+
+
+def sign_style(score: float) -> str:
+    """The palette's colour for ``score`` (blue positive, red negative). Terminals are mostly dark, and the
+    dark-background values stay readable on light ones too."""
+    return sign_colour(score, dark=True)
 
 
 def tok(text: str) -> str:
@@ -103,7 +110,7 @@ def attribution_table(a: Attribution, k: int, *, title: str | None = None) -> Ta
     table.add_column("share", justify="right")
     table.add_column("")
     for i, c in enumerate(top, 1):
-        colour = "green" if c.score >= 0 else "red"
+        colour = sign_style(c.score)
         table.add_row(str(i), c.component.label, Text(f"{c.score:+.3f}", style=colour), _share(c.score, a.value), Text(_bar(c.score, top), style=colour))
     return table
 
@@ -214,7 +221,7 @@ def render_patching(r: PatchingResult, console: Console, k: int) -> None:
             table.add_column("attribution", justify="right")
         for i, p in enumerate(top, 1):
             pos = p.site.position
-            cells = [str(i), p.site.label, "" if pos is None else tok(r.corrupt_tokens[pos]), Text(f"{p.score:+.3f}", style="green" if p.score >= 0 else "red")]
+            cells = [str(i), p.site.label, "" if pos is None else tok(r.corrupt_tokens[pos]), Text(f"{p.score:+.3f}", style=sign_style(p.score))]
             if r.method == "both":
                 cells.append(f"{p.attribution:+.3f}")
             table.add_row(*cells)
@@ -278,7 +285,7 @@ def token_line(r: TokenRecord, k: int) -> Text:
     line.append(f" p={r.prob:.3f}  ")
     for c in r.top[:k]:
         line.append(f"{c.component.label.replace('  ', ' ')} ", style="dim")
-        line.append(f"{c.score:+.2f}  ", style="green" if c.score >= 0 else "red")
+        line.append(f"{c.score:+.2f}  ", style=sign_style(c.score))
     for name, value in r.watch.items():
         line.append(f" {name}={value:.3g}", style="bold yellow" if name in r.crossed else "cyan")
     if r.crossed:
@@ -333,7 +340,7 @@ def render_dataset_attribution(d, console: Console, k: int) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, c in enumerate(d.top(k), 1):
         s = c.score
-        table.add_row(str(i), c.component.label, Text(f"{s.mean:+.3f}", style="green" if s.mean >= 0 else "red"), f"{s.std:.3f}", f"{s.min:+.3f}", f"{s.max:+.3f}", _share(s.mean, d.value.mean))
+        table.add_row(str(i), c.component.label, Text(f"{s.mean:+.3f}", style=sign_style(s.mean)), f"{s.std:.3f}", f"{s.min:+.3f}", f"{s.max:+.3f}", _share(s.mean, d.value.mean))
     console.print(table)
 
 
@@ -344,7 +351,7 @@ def render_dataset_patching(d, console: Console, k: int) -> None:
         for name in ("#", "site", "mean", "std", "min", "max"):
             table.add_column(name, justify="left" if name == "site" else "right")
         for i, s in enumerate(d.top(k, sweep), 1):
-            table.add_row(str(i), s.site.label, Text(f"{s.score.mean:+.3f}", style="green" if s.score.mean >= 0 else "red"), f"{s.score.std:.3f}", f"{s.score.min:+.3f}", f"{s.score.max:+.3f}")
+            table.add_row(str(i), s.site.label, Text(f"{s.score.mean:+.3f}", style=sign_style(s.score.mean)), f"{s.score.std:.3f}", f"{s.score.min:+.3f}", f"{s.score.max:+.3f}")
         console.print(table)
 
 

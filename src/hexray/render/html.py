@@ -9,23 +9,30 @@ from hexray.analysis.report import Report
 from hexray.analysis.results import Attribution, HeadClassification
 from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
+from hexray.render.palette import LEGEND, NEGATIVE, NEGATIVE_DARK, PATCHING_LEGEND, POSITIVE, POSITIVE_DARK, SELECTION, SELECTION_DARK
 from hexray.tracing.sites import head as head_component
 
-_STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1d1d1f;background:#fff}
-@media (prefers-color-scheme:dark){body{background:#111;color:#e6e6e6}table td,table th{border-color:#333}}
-h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem;border-bottom:1px solid #8884}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right;font-variant-numeric:tabular-nums}
-td:first-child,th:first-child{text-align:left}.tok{font-family:ui-monospace,monospace;white-space:pre;background:#8882;border-radius:3px;padding:0 2px}
-.pos{color:#2a9d4b}.neg{color:#d1495b}img{max-width:100%;border:1px solid #8883;margin:.5rem 0}
+# sign colours from the palette, as in the lab; the dark block comes last so its .pos/.neg win in dark mode
+_STYLE = f"""
+body{{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1d1d1f;background:#fff}}
+h1{{font-size:1.4rem}}h2{{font-size:1.1rem;margin-top:2rem;border-bottom:1px solid #8884}}
+table{{border-collapse:collapse;margin:.5rem 0}}td,th{{border:1px solid #ddd;padding:2px 8px;text-align:right;font-variant-numeric:tabular-nums}}
+td:first-child,th:first-child{{text-align:left}}.tok{{font-family:ui-monospace,monospace;white-space:pre;background:#8882;border-radius:3px;padding:0 2px}}
+.pos{{color:{POSITIVE}}}.neg{{color:{NEGATIVE}}}.here{{outline:2px solid {SELECTION}}}.legend{{font-size:.9em}}img{{max-width:100%;border:1px solid #8883;margin:.5rem 0}}
+@media (prefers-color-scheme:dark){{body{{background:#111;color:#e6e6e6}}table td,table th{{border-color:#333}}.pos{{color:{POSITIVE_DARK}}}.neg{{color:{NEGATIVE_DARK}}}.here{{outline-color:{SELECTION_DARK}}}}}
 """
 
 
-_HIGHLIGHT = ' style="outline:2px solid #2a9d4b"'
+_HIGHLIGHT = ' class="here"'
 
 
 def _tok(text: str) -> str:
     return f'<span class="tok">{escape(repr(text))}</span>'
+
+
+def _legend(text: str) -> str:
+    """The sign-colour key shown once above a report's first signed table, with a swatch of each colour."""
+    return f'<p class="legend"><span class="pos">&#9632;</span><span class="neg">&#9632;</span> {escape(text)}</p>'
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -70,7 +77,7 @@ def report_html(report: Report, figures: dict[str, bytes]) -> str:
 
 
 def attribution_section(a: Attribution, k: int) -> str:
-    return f"<h2>Direct logit attribution</h2>{_attribution_table(a, k)}"
+    return f"<h2>Direct logit attribution</h2>{_legend(LEGEND)}{_attribution_table(a, k)}"
 
 
 def lens_section(lens) -> str:
@@ -124,6 +131,7 @@ def patching_html(r: PatchingResult, figures: dict[str, bytes], k: int) -> str:
     ]
     if r.correlation:
         parts.append("<p>Exact vs attribution, Pearson r: " + ", ".join(f"{escape(s)} {'n/a' if v is None else f'{v:+.3f}'}" for s, v in r.correlation.items()) + "</p>")
+    parts.append(_legend(PATCHING_LEGEND))
     for sweep in r.sweeps:
         rows = "".join(
             f"<tr><td>{escape(p.site.label)}</td><td class=\"{'pos' if p.score >= 0 else 'neg'}\">{p.score:+.4f}</td>"

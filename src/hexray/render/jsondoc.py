@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from hexray.analysis.lens import LayerSnapshot
 from hexray.analysis.report import Report
 from hexray.generation.results import GenerationResult, ReasoningGraph, TokenRecord
 from hexray.intervene.results import AblationResult, Distribution, PatchingResult, PatchScore
@@ -123,27 +124,30 @@ def view_doc(v) -> dict:
     return {"title": v.title, "columns": list(v.columns), "rows": [[cell(x) for x in row] for row in v.rows], "note": v.note}
 
 
-def analysis_layer_docs(report: Report) -> list[dict]:
-    """The analysis one layer at a time (what ``/ws/analyze`` streams before the whole document).
+def layer_attribution_docs(report: Report) -> list[dict]:
+    """The attribution one layer at a time (what ``/ws/analyze`` streams once the final norm's scale exists).
 
-    Each carries that layer's head scores (at head granularity), attention and MLP totals, the
-    logit-lens row after the layer and the residual norm after it at every position.
+    Each carries that layer's head scores (at head granularity) and its attention and MLP totals.
     """
     spec, a = report.spec, report.attribution
     per_head = report.head_attribution if report.head_attribution is not None else a
     heads = per_head.head_matrix(spec.n_layers, spec.n_heads) if per_head.granularity == "head" else None
     attn, mlp = a.layer_totals(spec.n_layers)
-    lens = lens_doc(report.logit_lens)["layers"] if report.logit_lens is not None else None
-    docs = []
-    for layer in range(spec.n_layers):
-        docs.append({
-            "layer": layer, "n_layers": spec.n_layers,
-            "heads": None if heads is None else _arr(heads[layer]),
-            "attn": _num(attn[layer]), "mlp": _num(mlp[layer]),
-            "lens": None if lens is None else lens[layer + 1],  # row 0 is the embeddings
-            "resid_norm": None if report.residual is None else _arr(report.residual.resid_norm[layer + 1]),
-        })
-    return docs
+    return [
+        {"layer": layer, "n_layers": spec.n_layers, "heads": None if heads is None else _arr(heads[layer]),
+         "attn": _num(attn[layer]), "mlp": _num(mlp[layer])}
+        for layer in range(spec.n_layers)
+    ]
+
+
+def layer_snapshot_doc(s: LayerSnapshot) -> dict:
+    """One block's live reading (``/ws/analyze``'s ``layer`` message, sent during the forward pass)."""
+    return {
+        "layer": s.layer, "n_layers": s.n_layers, "position": s.position,
+        "resid_norm": _arr(s.resid_norm), "attn_norm": None if s.attn_norm is None else _arr(s.attn_norm),
+        "mlp_norm": None if s.mlp_norm is None else _arr(s.mlp_norm),
+        "lens": [token_doc(t) for t in s.lens], "target_rank": s.target_rank, "target_prob": None if s.target_prob is None else _num(s.target_prob),
+    }
 
 
 def model_info(spec: ModelSpec) -> dict:
@@ -232,11 +236,15 @@ def heads_document(h: HeadClassification, spec: ModelSpec) -> dict:
 
 
 def head_attention_document(a: HeadAttention) -> dict:
-    """One head's attention pattern (rounded to 4 places: it is drawn, not computed on) and role scores."""
+    """One head's attention pattern (rounded to 4 places: it is drawn, not computed on), role scores and inspector metrics."""
     return {
         "model": a.model, "prompt": a.prompt, "tokens": list(a.tokens), "layer": a.layer, "head": a.head,
         "name": a.name, "scores": {k: _num(v) for k, v in a.scores.items()},
         "pattern": _arr(np.round(a.pattern, 4)),
+        "entropy": _arr(a.entropy), "mean_entropy": _num(a.mean_entropy),
+        "concentration": _arr(a.concentration), "mean_concentration": _num(a.mean_concentration),
+        "value_norm": _arr(a.value_norm), "output_norm": _arr(a.output_norm), "sink_excluded": a.sink_excluded,
+        "top_pairs": [token_pair_doc(p) for p in a.top_pairs], "top_moved_pairs": [token_pair_doc(p) for p in a.top_moved_pairs],
     }
 
 
@@ -327,4 +335,59 @@ def dataset_ablation_document(d, spec: ModelSpec) -> dict:
         "prompts": [{"prompt": p.prompt, "target": p.target, "p_before": _num(p.p_before), "p_after": _num(p.p_after), "kl": _num(p.kl),
                      "logit_diff_before": None if p.logit_diff_before is None else _num(p.logit_diff_before),
                      "logit_diff_after": None if p.logit_diff_after is None else _num(p.logit_diff_after)} for p in d.prompts],
+    }
+
+
+def circuit_document(c) -> dict:
+    """A :class:`~hexray.analysis.results.Circuit` for the lab's circuit view (layers × heads, plus an MLP column).
+
+    Nodes carry ``layer`` and ``head`` (None for an MLP) to place them on the grid; an edge names its
+    ``source`` and ``destination`` (None: the explained logit) by node name.
+    """
+    return {
+        "model": c.model,
+        "prompt": c.prompt,
+        "tokens": list(c.tokens),
+        "token_ids": list(c.token_ids),
+        "position": c.position,
+        "target": token_doc(c.target),
+        "contrast": token_doc(c.contrast),
+        "value": _num(c.value),
+        "method": c.method,
+        "output_norm": _arr(c.head_write_norm), "mlp_norm": _arr(c.mlp_write_norm),  # the view's brightness
+        "nodes": [{"name": n.component.name, "kind": n.component.kind, "layer": n.component.layer, "head": n.component.head, "score": _num(n.score)} for n in c.nodes],
+        "edges": [
+            {"source": e.source.name, "destination": None if e.destination is None else e.destination.name, "score": _num(e.score), "exact": e.exact}
+            for e in c.edges
+        ],
+    }
+
+
+# -- token flow ---------------------------------------------------------------------------------
+from hexray.analysis.results import TokenFlow, TokenPair  # noqa: E402
+
+
+def token_pair_doc(p: TokenPair) -> dict:
+    """A (query, key) pair with its tokens; ``moved`` only where the result has it (the head inspector)."""
+    doc = {"query": p.query, "key": p.key, "query_token": p.query_token, "key_token": p.key_token, "weight": _num(p.weight)}
+    if p.moved is not None:
+        doc["moved"] = _num(p.moved)
+    return doc
+
+
+def token_flow_document(flow: TokenFlow) -> dict:
+    """Attention between token pairs summed over heads and layers (maps rounded to 4 places: they are drawn).
+
+    ``row_sum`` is what each row of the map ``top_pairs`` ranks sums to (``n_layers * n_heads`` for
+    ``total``, ``n_heads`` for ``layer_map``), to scale the drawing by.
+    """
+    return {
+        "model": flow.model, "prompt": flow.prompt, "tokens": list(flow.tokens), "token_ids": list(flow.token_ids),
+        "n_layers": flow.n_layers, "n_heads": flow.n_heads, "layer": flow.layer,
+        "total": _arr(np.round(flow.total, 4)),
+        "by_layer": _arr(flow.by_layer), "sink_by_layer": _arr(flow.sink_by_layer),
+        "layer_map": None if flow.layer_map is None else _arr(np.round(flow.layer_map, 4)),
+        "row_sum": flow.n_heads * (flow.n_layers if flow.layer is None else 1),
+        "sink_excluded": flow.sink_excluded,
+        "top_pairs": [token_pair_doc(p) for p in flow.top_pairs],
     }

@@ -10,6 +10,7 @@ from hexray.analysis.results import ArithmeticGraph, Attribution, HeadClassifica
 from hexray.generation.results import GenerationResult
 from hexray.intervene.results import AblationResult, PatchingResult
 from hexray.models.loading import ModelSpec
+from hexray.render.palette import DIVERGING_CMAP, LEGEND, PATCHING_LEGEND, UNSIGNED, WEIGHT_LEGEND, sign_colour
 
 
 def _plt():
@@ -30,6 +31,13 @@ def _save(fig, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def _caption(fig, text: str) -> None:
+    """``text`` in small type under everything drawn so far (rotated tick labels included); the tight save keeps it."""
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    width, height = fig.get_size_inches()
+    fig.text((box.x0 + box.x1) / 2 / width, (box.y0 - 0.05) / height, text, ha="center", va="top", fontsize=7, color="#444444")
+
+
 def _limit(values: np.ndarray) -> float:
     finite = np.abs(values[np.isfinite(values)])
     return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -43,7 +51,7 @@ def head_heatmap(a: Attribution, spec: ModelSpec) -> bytes:
     grid = np.concatenate([heads, mlp], axis=1)
     lim = _limit(heads) if np.isfinite(heads).any() else _limit(grid)  # MLPs would wash heads out; they get numbers
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * (spec.n_heads + 1), 1.0 + 0.28 * spec.n_layers))
-    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    im = ax.imshow(grid, cmap=DIVERGING_CMAP, vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(spec.n_heads + 1), [f"H{h}" for h in range(spec.n_heads)] + ["MLP"])
     ax.set_yticks(range(spec.n_layers), [f"L{layer}" for layer in range(spec.n_layers)])
     ax.axvline(spec.n_heads - 0.5, color="black", lw=1)
@@ -51,23 +59,27 @@ def head_heatmap(a: Attribution, spec: ModelSpec) -> bytes:
         ax.text(spec.n_heads, layer, f"{value:+.1f}", ha="center", va="center", fontsize=6)
     ax.set_title(f"Direct attribution to {_label(a)}")
     fig.colorbar(im, ax=ax, label="logit contribution")
+    _caption(fig, LEGEND)
     return _save(fig)
 
 
 def layer_bars(a: Attribution, spec: ModelSpec) -> bytes:
-    """Per-layer attention and MLP totals as grouped bars."""
+    """Per-layer attention (plain) and MLP (hatched) totals as grouped bars, coloured by sign."""
     plt = _plt()
+    from matplotlib.patches import Patch
+
     attn, mlp = a.layer_totals(spec.n_layers)
     x = np.arange(spec.n_layers)
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * spec.n_layers), 3.4))
-    ax.bar(x - 0.2, attn, 0.4, label="attention", color="#4c72b0")
-    ax.bar(x + 0.2, mlp, 0.4, label="MLP", color="#dd8452")
+    ax.bar(x - 0.2, attn, 0.4, color=[sign_colour(v) for v in attn], edgecolor="black", lw=0.4)
+    ax.bar(x + 0.2, mlp, 0.4, color=[sign_colour(v) for v in mlp], edgecolor="black", lw=0.4, hatch="///", alpha=0.75)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, [str(i) for i in x], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("logit contribution")
     ax.set_title(f"Per-layer attribution to {_label(a)}")
-    ax.legend()
+    ax.legend(handles=[Patch(fc="white", ec="black", label="attention"), Patch(fc="white", ec="black", hatch="///", label="MLP")])
+    _caption(fig, LEGEND)
     return _save(fig)
 
 
@@ -107,10 +119,11 @@ def steps_chart(s: StepAttribution, k: int) -> bytes:
     fig, axes = plt.subplots(n, 1, figsize=(7, 0.35 * k * n + 0.8 * n), squeeze=False)
     for ax, st in zip(axes[:, 0], s.steps):
         top = st.attribution.top(k)[::-1]
-        ax.barh([c.component.label for c in top], [c.score for c in top], color=["#55a868" if c.score >= 0 else "#c44e52" for c in top])
+        ax.barh([c.component.label for c in top], [c.score for c in top], color=[sign_colour(c.score) for c in top])
         ax.set_title(f"Step {st.index}: {st.text[:70]}", fontsize=9, loc="left")
         ax.tick_params(labelsize=7)
     fig.tight_layout()
+    _caption(fig, LEGEND)
     return _save(fig)
 
 
@@ -126,12 +139,13 @@ def weight_heatmap(w: WeightView) -> bytes:
         if i >= n:
             ax.axis("off")
             continue
-        im = ax.imshow(w.matrices[i], cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        im = ax.imshow(w.matrices[i], cmap=DIVERGING_CMAP, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
         ax.set_title(f"head {i}" if w.per_head else w.weight, fontsize=9)
         ax.set_xlabel(w.col_axis, fontsize=8)
         ax.set_ylabel(w.row_axis, fontsize=8)
     fig.suptitle(w.spec)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    _caption(fig, WEIGHT_LEGEND)
     return _save(fig)
 
 
@@ -149,9 +163,9 @@ def arithmetic_chart(g: ArithmeticGraph, fmt: str = "png") -> bytes:
     top = {kind: max([abs(e.weight) for e in g.edges if e.kind == kind] or [1.0]) or 1.0 for kind in ("attends", "writes")}
     for e in g.edges:
         (x0, y0), (x1, y1) = placed[e.source], placed[e.target]
-        colour = "#4c72b0" if e.kind == "attends" else ("#55a868" if e.weight >= 0 else "#c44e52")
+        colour = UNSIGNED if e.kind == "attends" else sign_colour(e.weight)
         ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.5 + 3.5 * abs(e.weight) / top[e.kind], "alpha": 0.8})
-    colours = {"operand": "#8172b2", "operator": "#cccccc", "head": "#64b5cd", "mlp": "#dd8452", "answer": "#55a868"}
+    colours = {"operand": "#8172b2", "operator": "#cccccc", "head": "#64b5cd", "mlp": "#dd8452", "answer": "#ffd166"}
     for node in g.nodes:
         x, y = placed[node.id]
         text = {"operand": f"{node.label} @{node.position}", "operator": node.label, "answer": node.label}.get(node.kind, f"{node.label}\n{node.value:+.2f}")
@@ -159,11 +173,12 @@ def arithmetic_chart(g: ArithmeticGraph, fmt: str = "png") -> bytes:
     ax.set_xlim(-0.4, 2.4)
     ax.set_ylim(0, 1)
     ax.axis("off")
-    ax.set_title(f"How the model wrote {g.answer.token!r} (blue: attention weight, green/red: logit written)", fontsize=9)
+    ax.set_title(f"How the model wrote {g.answer.token!r} (grey arrows: attention weight; blue/red arrows: logit written)", fontsize=9)
     ax_rank.plot(range(len(g.answer_rank)), np.log10(g.answer_rank + 1), marker="o")
     ax_rank.set_xlabel("layer (0 = embeddings)")
     ax_rank.set_ylabel("log10(answer rank + 1)")
     ax_rank.set_title("Answer rank through the layers", fontsize=9)
+    _caption(fig, LEGEND)
     return _save(fig, fmt)
 
 
@@ -187,11 +202,12 @@ def patch_heatmap(r: PatchingResult, sweep: str) -> bytes:
         return _neuron_chart(values, rows, r)
     lim = _limit(values)
     fig, ax = plt.subplots(figsize=(1.6 + 0.5 * len(cols), 1.0 + 0.26 * len(rows)))
-    im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    im = ax.imshow(values, cmap=DIVERGING_CMAP, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(cols)), cols, rotation=90 if sweep != "heads" else 0, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(f"Activation patching ({sweep}): logit({r.target.token!r}) - logit({r.contrast.token!r}) restored", fontsize=9)
     fig.colorbar(im, ax=ax, label="normalised score")
+    _caption(fig, PATCHING_LEGEND)
     return _save(fig)
 
 
@@ -201,9 +217,10 @@ def _neuron_chart(values: np.ndarray, rows: list[str], r: PatchingResult) -> byt
     flat = [(abs(v), v, f"{rows[i]}N{j}") for (i, j), v in np.ndenumerate(values) if np.isfinite(v)]
     top = sorted(flat, reverse=True)[:30][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.25 * len(top) + 1))
-    ax.barh([t[2] for t in top], [t[1] for t in top], color=["#55a868" if t[1] >= 0 else "#c44e52" for t in top])
+    ax.barh([t[2] for t in top], [t[1] for t in top], color=[sign_colour(t[1]) for t in top])
     ax.tick_params(labelsize=7)
     ax.set_title("Attribution patching: top neurons", fontsize=9)
+    _caption(fig, PATCHING_LEGEND)
     return _save(fig)
 
 
@@ -275,7 +292,7 @@ def reasoning_graph_chart(g: GenerationResult, fmt: str = "png") -> bytes:
         x0, x1 = x[e.source], x[e.target]
         height = 0.25 + 0.18 * (x1 - x0)  # longer reach, higher arc: arcs never cover each other's labels
         t = np.linspace(0, 1, 50)
-        colour = "#55a868" if e.weight >= 0 else "#c44e52"
+        colour = sign_colour(e.weight)
         ax.plot(x0 + (x1 - x0) * t, 0.18 + height * 4 * t * (1 - t), color=colour, lw=0.6 + 4 * abs(e.weight) / top, alpha=0.8)
         ax.annotate("", (x1, 0.16), (x1 - 0.02, 0.22), arrowprops={"arrowstyle": "->", "color": colour})
         ax.text((x0 + x1) / 2, 0.2 + height, f"{e.weight:+.1f}", ha="center", fontsize=7, color=colour)
@@ -287,6 +304,7 @@ def reasoning_graph_chart(g: GenerationResult, fmt: str = "png") -> bytes:
     ax.set_ylim(-0.7, 0.5 + 0.18 * x[nodes[-1]] + 0.3)
     ax.axis("off")
     ax.set_title("Reasoning graph: logit moved by attention from each source into each step", fontsize=9)
+    _caption(fig, LEGEND)
     return _save(fig, fmt)
 
 
@@ -297,8 +315,9 @@ def generation_steps_chart(g: GenerationResult, k: int) -> bytes:
     fig, axes = plt.subplots(n, 1, figsize=(7, 0.35 * k * n + 0.8 * n), squeeze=False)
     for ax, s in zip(axes[:, 0], g.steps):
         top = s.top[:k][::-1]
-        ax.barh([c.component.label for c in top], [c.score for c in top], color=["#55a868" if c.score >= 0 else "#c44e52" for c in top])
+        ax.barh([c.component.label for c in top], [c.score for c in top], color=[sign_colour(c.score) for c in top])
         ax.set_title(f"Step {s.index}: {s.text[:70]}", fontsize=9, loc="left")
         ax.tick_params(labelsize=7)
     fig.tight_layout()
+    _caption(fig, LEGEND)
     return _save(fig)

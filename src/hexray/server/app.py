@@ -45,8 +45,18 @@ class Job:
         self.stop = threading.Event()
         self._send = send
 
+    @property
+    def streaming(self) -> bool:
+        """Whether anyone reads this job's messages (a socket does; a POST waits for the document)."""
+        return self._send is not None
+
     def emit(self, message: dict) -> None:
         self.check()
+        if self._send is not None:
+            self._send(message)
+
+    def tell(self, message: dict) -> None:
+        """A message about the job rather than from it (its place in the queue): sent even once stopped."""
         if self._send is not None:
             self._send(message)
 
@@ -65,16 +75,32 @@ class ModelQueue:
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
-        self.waiting = 0  # jobs queued for their turn (every one of them: counted here, not in a thread pool)
+        self._queue: list[Job] = []  # jobs waiting for their turn, in arrival order
         self.busy = False
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued for their turn (every one of them: counted here, not in a thread pool)."""
+        return len(self._queue)
+
+    def _announce(self) -> None:
+        """Tell each waiting job how many jobs are ahead of it (the running one included)."""
+        for i, waiting in enumerate(self._queue):
+            waiting.tell({"type": "queued", "ahead": i + 1})
 
     async def run(self, job: Job, work: Callable[[Job], dict], deadline: float) -> dict:
         loop = asyncio.get_running_loop()
-        self.waiting += 1
+        queued = self._lock.locked()
+        self._queue.append(job)
+        if queued:
+            self._announce()
         try:
             await asyncio.wait_for(self._lock.acquire(), timeout=max(deadline - loop.time(), 0.001))
         finally:
-            self.waiting -= 1
+            self._queue.remove(job)
+            self._announce()
+        if queued:
+            job.tell({"type": "running"})
         self.busy = True
         thread = asyncio.ensure_future(asyncio.to_thread(self._turn, job, work))
         thread.add_done_callback(self._release)
@@ -306,17 +332,8 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
                 "queued": turns.waiting, "max_tokens": max_tokens, "time_limit": time_limit,
                 "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
 
-    @app.post("/api/analyze")
-    async def analyze_prompt(req: AnalyzeRequest) -> dict:
-        return await on_model(req, lambda job: jsondoc.report_document(_analysis(model, req)))
-
-    @app.post("/api/attention")
-    async def attention(req: AttentionRequest) -> dict:
-        from hexray.analysis.heads import head_attention
-
-        return await on_model(req, lambda job: jsondoc.head_attention_document(head_attention(
-            model, req.prompt, req.layer, req.head, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed,
-        )))
+    for name, (request_type, work, about) in _jobs(model).items():
+        _route(app, name, request_type, work, about, on_model, stream)
 
     @app.get("/api/analyses")
     async def registered_analyses() -> dict:
@@ -342,113 +359,59 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         groups = {"analyze": trace_options(), "patch": PATCH_OPTIONS, "ablate": ABLATE_OPTIONS, "heads": HEADS_OPTIONS, "generate": GENERATION_OPTIONS}
         return {name: [_option_doc(o) for o in group if o.api] for name, group in groups.items()}
 
-    @app.post("/api/patch")
-    async def patch(req: PatchRequest) -> dict:
-        return await on_model(req, lambda job: _patching(model, req, job))
+    @app.get("/api/presets")
+    async def presets() -> dict:
+        """The worked examples (``--preset`` in the CLI), each with the circuit the literature expects."""
+        from hexray.presets import PRESETS
 
-    @app.post("/api/ablate")
-    async def ablate(req: AblateRequest) -> dict:
-        from hexray.intervene.ablation import ablate as run_ablation
-
-        from hexray.intervene.ablation import AblateOptions
-
-        options = _from_request(AblateOptions, req)
-        return await on_model(req, lambda job: jsondoc.ablation_document(run_ablation(
-            model, req.prompt, req.components, reference=req.reference, k=options.top_k,
-            **{k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"},
-        ), model.spec))
-
-    @app.post("/api/analyze/set")
-    async def analyze_set(req: schemas.AnalyzeSetRequest) -> dict:
-        """Attribution's mean and spread over ``prompts`` (the CLI's ``trace --prompts``), batched."""
-        from hexray.analysis.dataset import dataset_attribution
-        from hexray.analysis.report import AnalysisOptions
-
-        options = _from_request(AnalysisOptions, req)
-        rows = [{"prompt": p} for p in req.prompts]
-        return await on_model(req, lambda job: jsondoc.dataset_attribution_document(dataset_attribution(model, rows, options), model.spec))
-
-    @app.post("/api/patch/set")
-    async def patch_set(req: schemas.PatchSetRequest) -> dict:
-        """Each site's mean and spread over ``rows`` of {clean, corrupt[, target, contrast]} (``patch --prompts``)."""
-        from hexray.intervene.dataset import dataset_patching
-        from hexray.intervene.patching import PatchOptions
-
-        options = _from_request(PatchOptions, req)
-        rows = _pair_rows(req.rows)
-        return await on_model(req, lambda job: jsondoc.dataset_patch_document(dataset_patching(model, rows, options, progress=lambda d, t: job.check()), model.spec))
-
-    @app.post("/api/ablate/set")
-    async def ablate_set(req: schemas.AblateSetRequest) -> dict:
-        """KL and the target's probability over ``prompts`` with ``components`` ablated (``ablate --prompts``)."""
-        from hexray.intervene.ablation import AblateOptions
-        from hexray.intervene.dataset import dataset_ablation
-
-        options = _from_request(AblateOptions, req)
-        rows = [{"prompt": p} for p in req.prompts]
-        return await on_model(req, lambda job: jsondoc.dataset_ablation_document(dataset_ablation(model, rows, req.components, options, reference=req.reference), model.spec))
-
-    @app.post("/api/heads")
-    async def heads(req: HeadsRequest) -> dict:
-        from hexray.analysis.heads import HeadsOptions, classify_heads
-
-        options = _from_request(HeadsOptions, req)
-        kwargs = {k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"}
-        return await on_model(req, lambda job: jsondoc.heads_document(classify_heads(model, req.prompt, **kwargs), model.spec))
-
-    @app.post("/api/generate")
-    async def generate(req: GenerateRequest) -> dict:
-        def work(job: Job) -> dict:
-            run = _generation(model, req)
-            tokens = []
-            for record in run:
-                job.check()
-                tokens.append(jsondoc.token_record_doc(record))
-            return {"tokens": tokens, **jsondoc.generation_done_doc(run.result())}
-
-        return await on_model(req, work)
-
-    @app.websocket("/ws/analyze")
-    async def analyze_stream(ws: WebSocket) -> None:
-        """One ``layer`` message per layer (head scores, lens row, residual norms), then the whole document."""
-
-        def work(req: AnalyzeRequest, job: Job) -> dict:
-            report = _analysis(model, req)
-            for layer_doc in jsondoc.analysis_layer_docs(report):
-                job.emit({"type": "layer", **layer_doc})
-            return jsondoc.report_document(report)
-
-        await stream(ws, AnalyzeRequest, work)
-
-    @app.websocket("/ws/patch")
-    async def patch_stream(ws: WebSocket) -> None:
-        """``progress`` messages (variants done of total) while the sweep runs, then the patching document."""
-        await stream(ws, PatchRequest, lambda req, job: _patching(model, req, job))
-
-    @app.websocket("/ws/generate")
-    async def generate_stream(ws: WebSocket) -> None:
-        """One ``token`` message per generated token, then the generation's summary."""
-
-        def work(req: GenerateRequest, job: Job) -> dict:
-            run = _generation(model, req)
-            try:
-                for record in run:
-                    job.emit({"type": "token", **jsondoc.token_record_doc(record)})
-            except Cancelled:
-                run.interrupted()
-                raise
-            return jsondoc.generation_done_doc(run.result())
-
-        await stream(ws, GenerateRequest, work)
+        return {"presets": [dataclasses.asdict(p) for p in PRESETS]}
 
     app.add_middleware(Guard, allowed_hosts=LOOPBACK_HOSTS + tuple(allowed_hosts))
     return app
 
 
-_ENDPOINTS = [
-    ("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/analyze", "POST"), ("/api/attention", "POST"), ("/api/patch", "POST"),
-    ("/api/ablate", "POST"), ("/api/analyze/set", "POST"), ("/api/patch/set", "POST"), ("/api/ablate/set", "POST"), ("/api/heads", "POST"), ("/api/generate", "POST"),
-    ("/ws/analyze", "WEBSOCKET"), ("/ws/patch", "WEBSOCKET"), ("/ws/generate", "WEBSOCKET"),
+def _route(app: FastAPI, name: str, request_type: type[BaseModel], work, about: str, on_model, stream) -> None:
+    """``POST /api/NAME`` answers the document; ``/ws/NAME`` streams the job's messages, then the same document."""
+
+    async def post(req: request_type) -> dict:  # type: ignore[valid-type]
+        return await on_model(req, lambda job: work(req, job))
+
+    async def socket(ws: WebSocket) -> None:
+        await stream(ws, request_type, work)
+
+    post.__doc__ = socket.__doc__ = about
+    app.post(f"/api/{name}", name=f"post_{name}")(post)
+    app.websocket(f"/ws/{name}", name=f"ws_{name}")(socket)
+
+
+def _jobs(model: LoadedModel) -> dict[str, tuple[type[BaseModel], Callable[[BaseModel, Job], dict], str]]:
+    """Every job the model serves: name -> (request, work(request, job) -> document, what it streams)."""
+    return {
+        "analyze": (schemas.AnalyzeRequest, lambda req, job: _analysis_job(model, req, job),
+                    "Streams a ``layer`` message as each block finishes (norms, lens at the position), ``attribution`` rows once the final scale exists, then the document."),
+        "attention": (schemas.AttentionRequest, lambda req, job: _attention_job(model, req),
+                      "One head on the prompt: its pattern, entropy, concentration, value norms, top token pairs and role scores."),
+        "flow": (schemas.FlowRequest, lambda req, job: _flow_job(model, req),
+                 "Attention between token pairs summed over heads and layers (or one layer's, with ``layer``)."),
+        "circuit": (schemas.CircuitRequest, lambda req, job: _circuit_job(model, req),
+                    "Edges along the strongest contributors from the prediction backwards (input × gradient)."),
+        "patch": (schemas.PatchRequest, lambda req, job: _patching(model, req, job), "Streams ``progress`` (variants done of total), then the patching document."),
+        "ablate": (schemas.AblateRequest, lambda req, job: _ablation_job(model, req), "The distribution before and after ablating ``components``."),
+        "analyze/set": (schemas.AnalyzeSetRequest, lambda req, job: _analysis_set_job(model, req),
+                        "Attribution's mean and spread over ``prompts`` (the CLI's ``trace --prompts``), batched."),
+        "patch/set": (schemas.PatchSetRequest, lambda req, job: _patch_set_job(model, req, job),
+                      "Each site's mean and spread over ``rows`` of {clean, corrupt[, target, contrast]} (``patch --prompts``)."),
+        "ablate/set": (schemas.AblateSetRequest, lambda req, job: _ablate_set_job(model, req),
+                       "KL and the target's probability over ``prompts`` with ``components`` ablated (``ablate --prompts``)."),
+        "heads": (schemas.HeadsRequest, lambda req, job: _heads_job(model, req), "Every head's role scores."),
+        "generate": (schemas.GenerateRequest, lambda req, job: _generation_job(model, req, job),
+                     "Streams one ``token`` message per generated token, then the generation's document."),
+    }
+
+
+_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET")] + [
+    (path, method) for name in ("analyze", "attention", "flow", "circuit", "patch", "ablate", "analyze/set", "patch/set", "ablate/set", "heads", "generate")
+    for path, method in ((f"/api/{name}", "POST"), (f"/ws/{name}", "WEBSOCKET"))
 ]
 
 
@@ -502,10 +465,98 @@ def _from_request(cls, req: BaseModel, **overrides):
     return options
 
 
-def _analysis(model: LoadedModel, req: BaseModel):
+def _analysis_job(model: LoadedModel, req: BaseModel, job: Job) -> dict:
+    """The analysis, streamed live to a socket: blocks as the pass runs them, then the attribution."""
     from hexray.analysis.report import AnalysisOptions, analyze
 
-    return analyze(model, req.prompt, _from_request(AnalysisOptions, req))
+    live = (lambda snapshot: job.emit({"type": "layer", **jsondoc.layer_snapshot_doc(snapshot)})) if job.streaming else None
+    report = analyze(model, req.prompt, _from_request(AnalysisOptions, req), on_layer=live)
+    if job.streaming:
+        for row in jsondoc.layer_attribution_docs(report):
+            job.emit({"type": "attribution", **row})
+    return jsondoc.report_document(report)
+
+
+def _attention_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.analysis.heads import head_attention
+
+    return jsondoc.head_attention_document(head_attention(
+        model, req.prompt, req.layer, req.head, seq_len=req.seq_len, n_sequences=req.sequences, seed=req.seed, exclude_first_key=req.exclude_first_key,
+    ))
+
+
+def _flow_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.analysis.flow import token_flow
+
+    return jsondoc.token_flow_document(token_flow(model, req.prompt, layer=req.layer, exclude_first_key=req.exclude_first_key))
+
+
+def _circuit_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.analysis.circuit import circuit
+
+    return jsondoc.circuit_document(circuit(
+        model, req.prompt, target=req.target, contrast=req.contrast, position=req.token_index, k=req.k, depth=req.depth,
+    ))
+
+
+def _ablation_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.intervene.ablation import AblateOptions, ablate
+
+    options = _from_request(AblateOptions, req)
+    return jsondoc.ablation_document(ablate(
+        model, req.prompt, req.components, reference=req.reference, k=options.top_k,
+        **{k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"},
+    ), model.spec)
+
+
+def _analysis_set_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.analysis.dataset import dataset_attribution
+    from hexray.analysis.report import AnalysisOptions
+
+    options = _from_request(AnalysisOptions, req)
+    return jsondoc.dataset_attribution_document(dataset_attribution(model, [{"prompt": p} for p in req.prompts], options), model.spec)
+
+
+def _patch_set_job(model: LoadedModel, req: BaseModel, job: Job) -> dict:
+    from hexray.intervene.dataset import dataset_patching
+    from hexray.intervene.patching import PatchOptions
+
+    options = _from_request(PatchOptions, req)
+    result = dataset_patching(model, _pair_rows(req.rows), options, progress=lambda done, total: job.emit({"type": "progress", "done": done, "total": total}))
+    return jsondoc.dataset_patch_document(result, model.spec)
+
+
+def _ablate_set_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.intervene.ablation import AblateOptions
+    from hexray.intervene.dataset import dataset_ablation
+
+    options = _from_request(AblateOptions, req)
+    rows = [{"prompt": p} for p in req.prompts]
+    return jsondoc.dataset_ablation_document(dataset_ablation(model, rows, req.components, options, reference=req.reference), model.spec)
+
+
+def _heads_job(model: LoadedModel, req: BaseModel) -> dict:
+    from hexray.analysis.heads import HeadsOptions, classify_heads
+
+    options = _from_request(HeadsOptions, req)
+    kwargs = {k: v for k, v in dataclasses.asdict(options).items() if k != "top_k"}
+    return jsondoc.heads_document(classify_heads(model, req.prompt, **kwargs), model.spec)
+
+
+def _generation_job(model: LoadedModel, req: BaseModel, job: Job) -> dict:
+    """Each token as it is generated; the document has them all (a stopped run keeps what it made)."""
+    from hexray.generation.tracer import GenerationOptions, TracedGeneration
+
+    run = TracedGeneration(model, req.prompt, _from_request(GenerationOptions, req))
+    tokens = []
+    try:
+        for record in run:
+            tokens.append(jsondoc.token_record_doc(record))
+            job.emit({"type": "token", **tokens[-1]})
+    except Cancelled:
+        run.interrupted()
+        raise
+    return {"tokens": tokens, **jsondoc.generation_done_doc(run.result())}
 
 
 def _patching(model: LoadedModel, req: BaseModel, job: Job) -> dict:
@@ -517,9 +568,3 @@ def _patching(model: LoadedModel, req: BaseModel, job: Job) -> dict:
         progress=lambda done, total: job.emit({"type": "progress", "done": done, "total": total}),
     )
     return jsondoc.patch_document(result, model.spec)
-
-
-def _generation(model: LoadedModel, req: BaseModel):
-    from hexray.generation.tracer import GenerationOptions, TracedGeneration
-
-    return TracedGeneration(model, req.prompt, _from_request(GenerationOptions, req))

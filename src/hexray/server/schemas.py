@@ -57,7 +57,10 @@ def _models() -> dict[str, type[BaseModel]]:
     return {
         "AnalyzeRequest": request_model("AnalyzeRequest", trace_options(), prompt=_prompt()),
         "AnalyzeSetRequest": request_model("AnalyzeSetRequest", trace_options(), prompts=(list[str], Field(min_length=1, max_length=MAX_PROMPTS))),
-        "AttentionRequest": request_model("AttentionRequest", induction, prompt=_prompt(), layer=(int, Field(ge=0)), head=(int, Field(ge=0))),
+        "AttentionRequest": request_model(
+            "AttentionRequest", induction, prompt=_prompt(), layer=(int, Field(ge=0)), head=(int, Field(ge=0)),
+            exclude_first_key=(bool | None, Field(None, description="Leave the first token (the attention sink) out of the top pairs; default: when it is BOS.")),
+        ),
         "PatchRequest": request_model("PatchRequest", PATCH_OPTIONS, clean=_prompt(), corrupt=_prompt()),
         "PatchSetRequest": request_model("PatchSetRequest", PATCH_OPTIONS, rows=(list[dict[str, str]], Field(min_length=1, max_length=MAX_PROMPTS))),
         "AblateRequest": request_model(
@@ -70,6 +73,12 @@ def _models() -> dict[str, type[BaseModel]]:
         ),
         "HeadsRequest": request_model("HeadsRequest", HEADS_OPTIONS, prompt=_prompt(required=False)),
         "GenerateRequest": request_model("GenerateRequest", GENERATION_OPTIONS, prompt=_prompt()),
+        "FlowRequest": request_model("FlowRequest", (), prompt=_prompt(), layer=(int | None, Field(None, ge=0)), exclude_first_key=(bool | None, Field(None, description="Leave the first token (the attention sink) out of the top pairs; default: when it is BOS."))),
+        "CircuitRequest": request_model(
+            "CircuitRequest", tuple(o for o in trace_options() if o.name in ("target", "contrast", "token_index")), prompt=_prompt(),
+            k=(int, Field(5, ge=1, le=12, description="Parents kept per node (and nodes expanded per level).")),
+            depth=(int, Field(2, ge=1, le=4, description="Levels back from the prediction.")),
+        ),
     }
 
 

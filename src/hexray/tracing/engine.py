@@ -114,12 +114,17 @@ def run_trace(
     hooks: Iterable[str],
     *,
     prepend_bos: bool | None = None,
+    on_layer: Callable[[int, Mapping[Hook, torch.Tensor]], None] | None = None,
 ) -> Trace:
-    """Run ``prompt`` through the model once, caching only ``hooks`` (plus the final-norm scale)."""
+    """Run ``prompt`` through the model once, caching only ``hooks`` (plus the final-norm scale).
+
+    ``on_layer(layer, acts)`` is called as each block finishes, while the pass runs, with every
+    cached hook seen so far ([pos, ...], float32): what lets the server stream layers live.
+    """
     ids, offsets = tokenize_prompt(model, prompt, prepend_bos=prepend_bos)
     wanted = {parse_hook(h) for h in hooks} | {sites.FINAL_SCALE}
     _check_hooks(model, wanted)
-    logits, acts = capture(model, [ids], wanted)
+    logits, acts = capture(model, [ids], wanted, on_layer=on_layer)
     return Trace(
         model_name=model.name, prompt=prompt, token_ids=tuple(ids), tokens=tuple(model.token_strs(ids)),
         offsets=tuple(offsets), logits=logits[0], acts=acts[0],
@@ -132,11 +137,13 @@ def capture(
     hooks: Iterable[str],
     *,
     stop_after_layer: int | None = None,
+    on_layer: Callable[[int, Mapping[Hook, torch.Tensor]], None] | None = None,
 ) -> tuple[list[torch.Tensor] | None, list[dict[Hook, torch.Tensor]]]:
     """One forward pass over token-id rows of any lengths: per row, logits [pos, d_vocab] and ``hooks`` [pos, ...].
 
     Rows are right-padded with their last token and trimmed back, so each row's activations are
     what it alone would give. ``stop_after_layer``: stop after that block (no logits, None).
+    ``on_layer(layer, acts)``: called after each block with the first row's hooks seen so far.
     """
     wanted = {parse_hook(h) for h in hooks}
     lengths = [len(r) for r in batch]
@@ -144,7 +151,7 @@ def capture(
     tokens = torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in batch], device=model.device)
     stop = stop_after_layer + 1 if stop_after_layer is not None and stop_after_layer + 1 < model.spec.n_layers else None
     check_fits(model, width, wanted, rows=1)
-    stops = stop_hooks(model)
+    stops = stop_hooks(model) + (_layer_watch(model, wanted, lengths[0], on_layer) if on_layer is not None else [])
     with torch.inference_mode(), model.bridge.hooks(fwd_hooks=stops) if stops else nullcontext():
         out, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name in wanted, stop_at_layer=stop)
     acts = []
@@ -152,6 +159,27 @@ def capture(
         acts.append({h: _trim(h, cache[h][row], n).float() for h in wanted if h in cache})  # float32 on the model's device
     logits = None if stop is not None else [out[row, :n].float() for row, n in enumerate(lengths)]
     return logits, acts
+
+
+def _layer_watch(model: LoadedModel, wanted: set[Hook], n: int, on_layer) -> list[tuple[Hook, Callable]]:
+    """Hooks that keep the first row's ``wanted`` activations as they appear and report each finished block."""
+    seen: dict[Hook, torch.Tensor] = {}
+
+    def keep(name: Hook):
+        def hook(x, hook=None):
+            seen[name] = _trim(name, x[0].detach(), n).float()
+
+        return hook
+
+    def block_done(layer: int):
+        def hook(x, hook=None):
+            seen[sites.resid_post(layer)] = x[0, :n].detach().float()  # always: it is the block's result
+            on_layer(layer, seen)
+
+        return hook
+
+    kept = [(h, keep(h)) for h in sorted(wanted) if h.layer is not None and h.point != "resid_post"]
+    return kept + [(sites.resid_post(layer), block_done(layer)) for layer in range(model.spec.n_layers)]
 
 
 def run_reduced(
@@ -269,10 +297,12 @@ def trace_prompts(
 
 
 def run_with_gradients(
-    model: LoadedModel, token_ids: Sequence[int], hooks: Iterable[str], metric: Callable[[torch.Tensor], torch.Tensor]
+    model: LoadedModel, token_ids: Sequence[int], hooks: Iterable[str], metric: Callable[..., torch.Tensor], *, metric_reads_acts: bool = False
 ) -> tuple[torch.Tensor, dict[Hook, torch.Tensor], dict[Hook, torch.Tensor]]:
     """One forward and one backward pass of ``metric(logits [pos, d_vocab])`` (a scalar).
 
+    With ``metric_reads_acts`` it is ``metric(logits, acts)``, ``acts`` being ``hooks``'
+    activations [pos, ...] still in the graph, so the metric may be a function of them.
     Returns (logits [pos, d_vocab], activations, d metric / d activation) at ``hooks``, without
     the batch dimension. Gradients flow to the activations only, never to the weights.
     """
@@ -292,7 +322,8 @@ def run_with_gradients(
     with torch.enable_grad():
         tokens = torch.tensor([list(token_ids)], device=model.device)
         logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in sorted({*wanted, first})] + stop_hooks(model), use_cache=False)
-        grads = torch.autograd.grad(metric(logits[0]), [acts[n] for n in wanted])
+        value = metric(logits[0], {n: acts[n][0] for n in wanted}) if metric_reads_acts else metric(logits[0])
+        grads = torch.autograd.grad(value, [acts[n] for n in wanted])
     return (
         logits[0].detach().float(),
         {n: acts[n][0].detach().float() for n in wanted},

@@ -1,0 +1,48 @@
+// Every registered analysis without a panel of its own: a checkbox adds it to the next analysis,
+// and its table (the registry's View) is drawn here.
+import { $, fillTable } from "../draw.js";
+
+export default {
+  id: "analyses",
+  title: "More analyses",
+  subtitle: "every analysis in the registry without a panel of its own; tick to add it to the next analysis",
+  wide: true,
+  readsAnalysis: true,
+  body: `<div id="analyses-options" class="row"></div><div id="analyses-views"></div>`,
+
+  init({ lab }) { this.lab = lab; },
+
+  configure({ registry }) {
+    const box = $("analyses-options");
+    box.replaceChildren();
+    for (const a of registry.filter((x) => x.lab_panel === "analyses-panel" && x.switch)) {
+      const label = document.createElement("label");
+      const input = document.createElement("input");
+      input.type = "checkbox";
+      input.dataset.field = a.switch;
+      input.dataset.name = a.name;
+      label.append(input, ` ${a.title}`);
+      box.append(label);
+    }
+    if (!box.children.length) box.textContent = "every registered analysis has its own panel";
+  },
+
+  request() {  // the ticked analyses' switches, added to the analysis request
+    return Object.fromEntries([...document.querySelectorAll("#analyses-options input:checked")].map((box) => [box.dataset.field, true]));
+  },
+
+  render() {
+    const out = $("analyses-views");
+    out.replaceChildren();
+    for (const [name, view] of Object.entries((this.lab.analysis && this.lab.analysis.views) || {})) {
+      const h = document.createElement("h3");
+      h.textContent = view.title;
+      const table = document.createElement("table");
+      table.className = "roles";
+      table.dataset.analysis = name;
+      fillTable(table, view.columns, view.rows);
+      out.append(h, table);
+      if (view.note) { const p = document.createElement("p"); p.className = "dim"; p.textContent = view.note; out.append(p); }
+    }
+  },
+};

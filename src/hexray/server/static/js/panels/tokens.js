@@ -1,0 +1,58 @@
+// The token strip: hover for the next-token distribution, click to explain that position.
+import { $, showTok, textFigure, tip, wrap } from "../draw.js";
+import { set } from "../store.js";
+
+export default {
+  id: "tokens",
+  title: "Tokens",
+  subtitle: "hover: next-token top-k · click: explain that position",
+  wide: true,
+  readsAnalysis: true,
+  body: `<div id="tokens" class="tokens"></div><div id="explained" class="explained"></div>`,
+
+  init({ lab, analyse }) { this.lab = lab; this.analyse = analyse; },
+
+  render() {
+    const analysis = this.lab.analysis;
+    const box = $("tokens");
+    box.replaceChildren();
+    if (!analysis) return;
+    analysis.tokens.forEach((t, i) => {
+      const span = document.createElement("span");
+      span.className = "tok" + (i === analysis.position ? " sel" : "");
+      span.dataset.pos = String(i);
+      span.textContent = t.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+      span.addEventListener("mousemove", (e) => {
+        const top = (analysis.predictions || [])[i] || [];
+        tip(e, [`position ${i}: ${showTok(t)}   next token:`, ...top.map((p) => `  ${p.prob.toFixed(3)}  ${showTok(p.token)}`)].join("\n"));
+      });
+      span.addEventListener("mouseleave", (e) => tip(e, ""));
+      span.addEventListener("click", () => { set({ pos: i }); this.analyse(); });
+      box.append(span);
+    });
+    const ex = $("explained");
+    ex.replaceChildren();
+    const label = (text) => { const s = document.createElement("span"); s.textContent = text; return s; };
+    const { target, contrast } = analysis;
+    ex.append(label(`explaining position ${analysis.position} → ${contrast ? "logit diff" : "logit"} of ${showTok(target.token)} (p=${target.prob.toFixed(3)})${contrast ? ` − ${showTok(contrast.token)}` : ""} = ${analysis.value.toFixed(3)}.  candidates:`));
+    for (const p of (analysis.predictions || [])[analysis.position] || []) {
+      const c = document.createElement("span");
+      c.className = "cand";
+      c.textContent = `${showTok(p.token)} ${p.prob.toFixed(3)}`;
+      for (const role of ["target", "contrast"]) {
+        const b = document.createElement("button");
+        b.type = "button";
+        b.textContent = role;
+        b.title = `make ${showTok(p.token)} the ${role}`;
+        b.addEventListener("click", () => { set({ [role]: p.token }); this.analyse(); });
+        c.append(b);
+      }
+      ex.append(c);
+    }
+  },
+
+  figure() {
+    const a = this.lab.analysis;
+    return a && textFigure([...wrap(a.tokens.map(showTok).join("|"), 200), $("explained").textContent]);
+  },
+};

@@ -1,0 +1,55 @@
+// The page's one state object. Form fields, the explained position, the selected head, the theme
+// and which jobs ran live here and in the URL (a URL is a shareable view); the documents the
+// server answered live in `docs`, by panel. Panels read the store and subscribe; they never
+// read another panel's DOM.
+
+const FIELDS = {  // URL key -> state key, with its default
+  prompt: ["prompt", ""], target: ["target", ""], contrast: ["contrast", ""], gran: ["granularity", "head"],
+  clean: ["clean", ""], corrupt: ["corrupt", ""], sweep: ["sweep", "heads"], method: ["method", "exact"],
+  abl: ["components", ""], mode: ["mode", "zero"], gen_n: ["max_new", ""], watch: ["watch", ""], chat: ["chat", false],
+  pos: ["pos", null], head: ["head", null], theme: ["theme", "dark"], view: ["view", ""], ran: ["ran", []],
+  preset: ["preset", ""], flow_layer: ["flow_layer", ""],
+};
+
+export const state = Object.fromEntries(Object.values(FIELDS).map(([key, value]) => [key, value]));
+export const docs = {};  // panel id -> the last document it drew (its JSON export)
+const listeners = new Set();
+
+export function subscribe(fn) { listeners.add(fn); return () => listeners.delete(fn); }
+
+// Change the state; every subscriber hears which keys changed; the URL follows.
+export function set(patch) {
+  const changed = Object.keys(patch).filter((k) => state[k] !== patch[k]);
+  Object.assign(state, patch);
+  if (changed.length) {
+    writeURL();
+    for (const fn of listeners) fn(changed);
+  }
+}
+
+export function ran(job) {
+  if (!state.ran.includes(job)) set({ ran: [...state.ran, job] });
+}
+
+export function readURL() {
+  const q = new URLSearchParams(location.search);
+  for (const [urlKey, [key, fallback]] of Object.entries(FIELDS)) {
+    if (!q.has(urlKey)) continue;
+    const v = q.get(urlKey);
+    if (key === "pos") state.pos = /^-?\d+$/.test(v) ? parseInt(v, 10) : null;
+    else if (key === "chat") state.chat = v === "1";
+    else if (key === "ran") state.ran = v.split(",").filter(Boolean);
+    else if (key === "theme") state.theme = v === "light" ? "light" : "dark";
+    else state[key] = typeof fallback === "string" || fallback === null ? v : state[key];
+  }
+}
+
+function writeURL() {
+  const q = new URLSearchParams();
+  for (const [urlKey, [key, fallback]] of Object.entries(FIELDS)) {
+    const v = state[key];
+    if (v === fallback || v === "" || v === null || (Array.isArray(v) && !v.length)) continue;
+    q.set(urlKey, Array.isArray(v) ? v.join(",") : v === true ? "1" : String(v));
+  }
+  history.replaceState(null, "", `${location.pathname}?${q}`);
+}
