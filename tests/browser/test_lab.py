@@ -140,16 +140,21 @@ def test_ioi_preset_draws_the_attribution_map(lab, shots):
 
 
 def test_layers_are_drawn_while_the_forward_pass_runs(lab):
-    """Each block's message is drawn as it arrives: the first layer is on the page before the analysis is done."""
+    """Each block's message is drawn as it arrives (once per frame): the first layers are on the page before the attribution exists."""
     timeline = lab.page.evaluate("window.hexrayLab.timeline")
     sent = max(i for i, e in enumerate(timeline) if e["event"] == "sent")  # the last analysis
     events = timeline[sent:]
-    drawn = [e["t"] for e in events if e["event"] == "layer-drawn"]
+    layers = [e["t"] for e in events if e["event"] == "layer"]
+    drawn = [e for e in events if e["event"] == "layer-drawn"]
     attribution = [e["t"] for e in events if e["event"] == "attribution"]
     done = next(e["t"] for e in events if e["event"] == "done")
-    assert len(drawn) == 30 and len(attribution) == 30
-    assert drawn[0] < attribution[0] <= done and drawn[-1] <= attribution[0]  # blocks during the pass, attribution after it
-    assert done - drawn[0] > 50  # the first layer was visible well before the document arrived (ms)
+    assert len(layers) == 30 and len(attribution) == 30 and layers[-1] <= attribution[0]  # blocks during the pass, attribution after it
+    assert drawn and drawn[0]["t"] < attribution[0] <= done  # the first layers were drawn from the pass's own messages
+    assert "prompt" in drawn[0]["panels"]  # the layer strip under the prompt, on screen
+    assert done - drawn[0]["t"] > 50  # and visible well before the document arrived (ms)
+    cells = lab.page.locator("#live-layers span")
+    assert cells.count() == 30 and cells.nth(29).inner_text().strip() == "Mary"  # the last block's lens is the prediction
+    assert "after L29:" in cells.nth(29).get_attribute("title")
 
 
 def test_hovering_a_token_shows_the_next_token_distribution(lab):
@@ -185,7 +190,9 @@ def test_the_head_inspector_says_what_the_head_does(lab):
     assert "John" in cells[4] and f"({key})" in cells[4] and float(cells[5]) == pytest.approx(head["value_norm"][key], abs=1e-3)
     assert float(cells[6]) == pytest.approx(head["output_norm"][13], abs=1e-3)
     pairs = lab.page.locator("#head-pairs li").all_inner_texts()
-    assert len(pairs) == 10 and all("←" in p for p in pairs)
+    moved = lab.page.locator("#head-moved li").all_inner_texts()
+    assert len(pairs) == len(moved) == 5 and all("←" in p for p in pairs + moved)
+    assert pairs[0].endswith(f"{head['top_pairs'][0]['weight']:.3f}") and moved[0].endswith(f"{head['top_moved_pairs'][0]['moved']:.3f}")
     assert all(p["query"] > 0 for p in head["top_pairs"])  # query 0 can only attend to itself
 
 

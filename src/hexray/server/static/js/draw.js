@@ -37,12 +37,18 @@ export function showTok(t) { return JSON.stringify(t).slice(1, -1); }  // visibl
 
 export function sizeCanvas(canvas, w, h) {
   const dpr = window.devicePixelRatio || 1;
-  canvas.width = Math.ceil(w * dpr);
-  canvas.height = Math.ceil(h * dpr);
-  canvas.style.width = `${w}px`;
-  canvas.style.height = `${h}px`;
+  const [W, H] = [Math.ceil(w * dpr), Math.ceil(h * dpr)];
   const ctx = canvas.getContext("2d");
+  if (canvas.width !== W || canvas.height !== H) {  // a new bitmap and a new layout only when the size changes
+    canvas.width = W;
+    canvas.height = H;
+    canvas.style.width = `${w}px`;
+    canvas.style.height = `${h}px`;
+  }
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.clearRect(0, 0, W, H);
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.textAlign = "left";
   ctx.font = "11px ui-monospace, 'DejaVu Sans Mono', monospace";
   ctx.textBaseline = "middle";
   return ctx;

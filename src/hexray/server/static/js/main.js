@@ -63,23 +63,23 @@ export async function analyse() {
   if (!state.prompt.trim()) { showError("the prompt is empty"); return; }
   const started = performance.now();
   lab.layerMessages = 0;
+  lab.firstLayerMs = null;
   mark("sent");
   for (const p of PANELS) p.analysisStarted?.();
   status("analysing…");
-  let first = true;
+  const live = liveDrawing(started);
   const doc = await job("analysis", "/ws/analyze", analysisRequest(), (m) => {
     if (m.type === "layer") {
       lab.layerMessages += 1;
       mark("layer", { layer: m.layer });
-      for (const p of PANELS) p.layer?.(m);
-      mark("layer-drawn", { layer: m.layer });
-      if (first) { lab.firstLayerMs = performance.now() - started; first = false; }
+      for (const p of PANELS) if (p.layer?.(m)) live.dirty(p);
       status(`analysing… layer ${m.layer + 1}/${m.n_layers}`);
     } else if (m.type === "attribution") {
-      for (const p of PANELS) p.attribution?.(m);
       mark("attribution", { layer: m.layer });
+      for (const p of PANELS) if (p.attribution?.(m)) live.dirty(p);
     }
   });
+  live.cancel();
   if (!doc) return;
   const t0 = performance.now();
   mark("done");
@@ -92,11 +92,45 @@ export async function analyse() {
   mark("drawn");
   window.hexrayTimings = { analysisMs: t0 - started, renderMs, firstLayerMs: lab.firstLayerMs };
   lab.analyses += 1;
-  status(`${doc.tokens.length} tokens · analysed in ${((t0 - started) / 1000).toFixed(2)} s · first layer drawn at ${(lab.firstLayerMs / 1000).toFixed(2)} s · page drawn in ${renderMs.toFixed(0)} ms`);
+  const firstLayer = lab.firstLayerMs === null ? "" : ` · first layer drawn at ${(lab.firstLayerMs / 1000).toFixed(2)} s`;
+  status(`${doc.tokens.length} tokens · analysed in ${((t0 - started) / 1000).toFixed(2)} s${firstLayer} · page drawn in ${renderMs.toFixed(0)} ms`);
   for (const p of PANELS) await p.analysed?.(doc);
 }
 
 export function renderAll() { for (const p of PANELS) p.render?.(); }
+
+// Streamed messages can come faster than frames: panels record each one, and what changed is drawn
+// at most every LIVE_MS (a burst of thirty rows costs one drawing; on two cores the browser's drawing
+// takes CPU from the forward pass, so fewer drawings leave the model more).
+const LIVE_MS = 100;
+
+const onScreen = new Set();  // panel ids in the viewport now
+
+function watchViewport() {
+  const seen = new IntersectionObserver((entries) => {
+    for (const e of entries) onScreen[e.isIntersecting ? "add" : "delete"](e.target.id.replace(/-panel$/, ""));
+  });
+  for (const p of PANELS) seen.observe($(`${p.id}-panel`));
+}
+
+function liveDrawing(started) {
+  const dirty = new Set();
+  let timer = null, last = -Infinity;
+  const draw = () => {
+    timer = null;
+    last = performance.now();
+    const shown = [...dirty].filter((p) => onScreen.has(p.id));  // a panel out of view is drawn when the document arrives
+    for (const p of shown) p.drawLive();
+    dirty.clear();
+    if (!shown.length) return;
+    mark("layer-drawn", { layers: lab.layerMessages, panels: shown.map((p) => p.id) });
+    lab.firstLayerMs ??= performance.now() - started;
+  };
+  return {
+    dirty(p) { dirty.add(p); timer ??= setTimeout(draw, Math.max(0, last + LIVE_MS - performance.now())); },
+    cancel() { clearTimeout(timer); timer = null; dirty.clear(); },
+  };
+}
 
 // ---------------------------------------------------------------- the page
 function build() {
@@ -153,6 +187,7 @@ function applyTheme() {
 
 async function init() {
   build();
+  watchViewport();
   addExports();
   readURL();
   const context = { lab, analyse, channel, job, status, showError, renderAll };

@@ -35,10 +35,13 @@ export default {
 
   analysisStarted() { this.partial = []; },
 
-  attribution(m) {  // one layer's heads arrived: draw what is known, the rest blank
-    this.partial[m.layer] = m;
+  attribution(m) { this.partial[m.layer] = m; return true; },
+
+  drawLive() {  // the layers whose heads have arrived; the rest blank
+    const m = this.partial.find(Boolean);
     const nHeads = m.heads ? m.heads.length : 1;
-    const cell = (r, c) => (this.partial[r] ? (c < nHeads ? (m.heads ? this.partial[r].heads[c] : this.partial[r].attn) : this.partial[r].mlp) : null);
+    const row = (r) => this.partial[r];
+    const cell = (r, c) => (row(r) ? (c < nHeads ? (m.heads ? row(r).heads[c] : row(r).attn) : row(r).mlp) : null);
     this.drawMap(m.n_layers, nHeads, m.heads ? Array.from({ length: nHeads }, (_, i) => `H${i}`) : ["attn"], cell);
   },
 

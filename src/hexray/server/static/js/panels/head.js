@@ -10,7 +10,8 @@ export default {
   subtitle: "click a head in the attribution map",
   body: `<div id="head-name" class="dim">click a head in the attribution map</div>
   <table id="head-summary" class="roles"></table><table id="role-scores" class="roles"></table>
-  <ol id="head-pairs" class="toplist"></ol><div id="head-sink" class="dim"></div>
+  <div class="pairs"><div><h3>strongest attention</h3><ol id="head-pairs"></ol></div>
+  <div><h3>moves most · weight × |value|</h3><ol id="head-moved"></ol></div></div><div id="head-sink" class="dim"></div>
   <div class="scroll"><canvas id="attn-map" class="figure"></canvas></div>`,
 
   init({ lab, job }) {
@@ -47,15 +48,13 @@ export default {
     ]]);
     const roles = Object.entries(doc.scores);
     fillTable($("role-scores"), roles.map(([r]) => r.replace("_", " ")), [roles.map(([, v]) => (v === null ? "—" : v))]);
-    const pair = (p, label) => {
+    const pair = (p, value) => {
       const li = document.createElement("li");
-      li.textContent = `${clip(showTok(p.query_token), 10)} (${p.query}) ← ${clip(showTok(p.key_token), 10)} (${p.key})  ${label(p)}`;
+      li.textContent = `${clip(showTok(p.query_token), 10)} (${p.query}) ← ${clip(showTok(p.key_token), 10)} (${p.key})  ${value.toFixed(3)}`;
       return li;
     };
-    $("head-pairs").replaceChildren(
-      ...doc.top_pairs.slice(0, 5).map((p) => pair(p, (x) => `attention ${x.weight.toFixed(3)}`)),
-      ...doc.top_moved_pairs.slice(0, 5).map((p) => pair(p, (x) => `moves ${x.moved.toFixed(3)} (weight × |v|)`)),
-    );
+    $("head-pairs").replaceChildren(...doc.top_pairs.slice(0, 5).map((p) => pair(p, p.weight)));
+    $("head-moved").replaceChildren(...doc.top_moved_pairs.slice(0, 5).map((p) => pair(p, p.moved)));
     $("head-sink").textContent = doc.sink_excluded ? "pairs leave out query 0 and the first token (the attention sink)" : "pairs leave out query 0";
     const n = doc.tokens.length;
     const cs = Math.max(3, Math.min(26, Math.floor(900 / n)));

@@ -21,8 +21,10 @@ export default {
 
   analysisStarted() { this.live = []; },
 
-  layer(m) {  // the explained position's lens after block m.layer, read during the pass
-    this.live[m.layer] = m;
+  layer(m) { this.live[m.layer] = m; return true; },  // the explained position's lens after block m.layer, read during the pass
+
+  drawLive() {
+    const m = this.live.find(Boolean);
     drawGrid($("lens-grid"), {
       rows: m.n_layers, cols: 1, cw: 120, ch: 16, rowLabels: rowNames(m.n_layers), colLabels: [`position ${m.position}`],
       color: (r) => (this.live[r] ? sequential(this.live[r].lens[0].prob) : css("--bg")),

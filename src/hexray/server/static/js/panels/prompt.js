@@ -1,5 +1,5 @@
 // The prompt, the explained token and the presets: what every analysis starts from.
-import { $ } from "../draw.js";
+import { $, sequential, showTok } from "../draw.js";
 import { set, state, subscribe } from "../store.js";
 
 const FORM = { prompt: "prompt", granularity: "granularity", target: "target", contrast: "contrast" };  // element id -> state key
@@ -19,6 +19,7 @@ export default {
     <span class="queue dim" id="analysis-queue"></span>
   </div>
   <textarea id="prompt" rows="2" spellcheck="false" placeholder="Type a prompt, or pick a preset"></textarea>
+  <div id="live-layers" class="live" title="the lens at the explained position after each block, as the forward pass runs"></div>
   <div id="preset-expected" class="dim"></div>
   <div id="error" class="error" role="alert" hidden></div>`,
 
@@ -34,6 +35,26 @@ export default {
     $("preset").addEventListener("change", (e) => this.apply(e.target.value, analyse));
     this.sync = () => { for (const [id, key] of Object.entries(FORM)) if ($(id).value !== state[key]) $(id).value = state[key]; };
     subscribe(this.sync);  // a candidate's "target" button or a preset changes the state, and the form follows
+  },
+
+  analysisStarted() { this.live = []; $("live-layers").replaceChildren(); },
+
+  layer(m) { (this.live ??= [])[m.layer] = m; return true; },
+
+  drawLive() {  // one cell a block: its lens top token at the explained position, shaded by probability
+    const box = $("live-layers");
+    const n = this.live.find(Boolean).n_layers;
+    if (box.children.length !== n) {
+      box.replaceChildren(...Array.from({ length: n }, (_, l) => { const c = document.createElement("span"); c.dataset.layer = String(l); return c; }));
+    }
+    this.live.forEach((m, l) => {
+      const cell = box.children[l];
+      if (!m || cell.textContent) return;
+      const top = m.lens[0];
+      cell.textContent = showTok(top.token) || "·";
+      cell.title = `after L${l}: ${showTok(top.token)} ${top.prob.toFixed(3)}`;
+      cell.style.background = sequential(top.prob);
+    });
   },
 
   configure({ presets }) {

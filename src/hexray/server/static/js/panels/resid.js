@@ -13,9 +13,10 @@ export default {
 
   analysisStarted() { this.live = []; },
 
-  layer(m) {
-    this.live[m.layer] = m;
-    const p = m.position, n = m.n_layers;
+  layer(m) { this.live[m.layer] = m; return true; },
+
+  drawLive() {
+    const { position: p, n_layers: n } = this.live.find(Boolean);
     const at = (f) => Array.from({ length: n }, (_, l) => (this.live[l] && this.live[l][f] ? this.live[l][f][p] : null));
     drawLines($("resid-chart"), Array.from({ length: n }, (_, l) => `L${l}`), [
       { label: "|resid|", values: at("resid_norm"), color: css("--accent") },
