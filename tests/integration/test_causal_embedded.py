@@ -13,7 +13,6 @@ import json
 import pytest
 import torch
 
-import hexray
 import hexray.cli
 from hexray.analysis.heads import classify_heads
 from hexray.intervene.patching import activation_patching
@@ -24,10 +23,6 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 TARGET, CONTRAST = " Mary", " John"
 
-
-@pytest.fixture(scope="module")
-def smol():
-    return hexray.load_model()
 
 
 @pytest.fixture(scope="module")

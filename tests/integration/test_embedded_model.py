@@ -28,29 +28,6 @@ ARITHMETIC = "Q: What is 3 + 4? A: 3 + 4 = "
 STEPS = "Mary went to the market. She bought three apples. Then she walked home."
 
 
-@pytest.fixture(scope="module")
-def smol():
-    return hexray.load_model()
-
-
-@pytest.fixture
-def cli_json(smol, monkeypatch, capfd, tmp_path):
-    """``cli_json(*args)``: ``hexray *args --json`` in-process on the embedded model; the parsed document."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: smol)
-
-    def run(*args) -> dict:
-        capfd.readouterr()
-        code = hexray.cli.main([str(a) for a in args] + ["--json"])
-        out, err = capfd.readouterr()
-        assert code == 0, err
-        assert err == ""
-        assert out.count("\n") == 1 and out.endswith("\n")
-        return json.loads(out)
-
-    return run
-
-
 def hf_last_logits(smol, prompt: str) -> torch.Tensor:
     ids = torch.tensor([smol.encode(prompt)])
     with torch.no_grad():

@@ -6,13 +6,9 @@ IOI head check goes through the CLI, as a user would run it.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-import hexray
-import hexray.cli
 from hexray.intervene.ablation import parse_sites
 from hexray.presets import PRESETS
 
@@ -20,28 +16,6 @@ pytestmark = pytest.mark.integration
 
 WITH_TARGET = [p for p in PRESETS if p.target is not None]
 WITH_CONTRAST = [p for p in PRESETS if p.contrast is not None]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return hexray.load_model()
-
-
-@pytest.fixture
-def cli_json(smol, monkeypatch, capfd, tmp_path):
-    """``cli_json(*args)``: ``hexray *args --json`` in-process on the embedded model; the parsed document."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hexray.cli, "load_model", lambda name, progress=None, **placement: smol)
-
-    def run(*args) -> dict:
-        capfd.readouterr()
-        code = hexray.cli.main([str(a) for a in args] + ["--json"])
-        out, err = capfd.readouterr()
-        assert code == 0, err
-        assert err == ""
-        return json.loads(out)
-
-    return run
 
 
 def top_prediction(smol, prompt: str) -> str:

@@ -159,3 +159,33 @@ def test_no_bridge_call_or_hook_name_parsing_outside_the_engine():
             assert not re.search(r"\bhook_(z|v|pattern|resid_pre|resid_post|attn_out|mlp_out|post|embed|scale)\b|\bblocks\.\d", code), f"{rel} spells hook names"
         if rel != "tracing/sites.py":
             assert not re.search(r'endswith\("hook|\.split\("\."\)|blocks\\\.\(', code), f"{rel} parses hook names"
+
+
+def test_run_recorded_from_a_block_is_the_full_pass_from_there(tiny_model, tiny_hf_model):
+    """Starting at block L from the recorded stream gives the full pass's logits and later activations."""
+    from hexray.tracing.engine import run_recorded, tokenize_prompt
+
+    spec = tiny_model.spec
+    ids, _ = tokenize_prompt(tiny_model, "When Mary and John went to the store, John gave a drink to")
+    hooks = [sites.resid_pre(layer) for layer in range(spec.n_layers)] + [sites.head_z(layer) for layer in range(spec.n_layers)]
+    logits, acts = run_recorded(tiny_model, ids, hooks)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, tiny_hf_model(torch.tensor([ids])).logits[0].float(), rtol=1e-4, atol=1e-5)  # an untouched model
+    last = spec.n_layers - 1
+    again, later = run_recorded(tiny_model, ids, hooks, start_layer=last, resid=acts[sites.resid_pre(last)])
+    torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(later[sites.head_z(last)], acts[sites.head_z(last)], rtol=1e-5, atol=1e-6)
+    assert sites.head_z(0) not in later  # blocks before the start are not run
+
+
+def test_run_recorded_applies_and_records_edits(tiny_model):
+    from hexray.tracing.edits import Edit, site_mask
+    from hexray.tracing.engine import run_recorded, tokenize_prompt
+
+    ids, _ = tokenize_prompt(tiny_model, "When Mary and John went to the store")
+    z = sites.head_z(1)
+    _, plain = run_recorded(tiny_model, ids, [z])
+    mask = site_mask(0, None, plain[z].shape)
+    _, edited = run_recorded(tiny_model, ids, [z], edits=[Edit(z, mask, torch.zeros(plain[z].shape))])
+    assert edited[z][:, 0].abs().max() == 0  # what is recorded is the edited value
+    torch.testing.assert_close(edited[z][:, 1:], plain[z][:, 1:])  # and only the edited head changed

@@ -491,17 +491,26 @@ def test_closing_the_socket_cancels_generation(client, tiny_llama, monkeypatch):
     assert len(made) == stopped_at  # and stays stopped
 
 
-def test_health_counts_queued_jobs(client, monkeypatch):
-    """A job waiting for the model shows in ``queued``; the model is ``busy`` while one runs."""
+@pytest.fixture()
+def held(monkeypatch):
+    """An analysis of "The cat" holds the model until ``release`` is set: (started, release) events."""
     release, started = threading.Event(), threading.Event()
     real = app_module._analysis_job
 
     def gated(model, req, job):
-        started.set()
-        assert release.wait(30)
+        if req.prompt == "The cat":
+            started.set()
+            assert release.wait(30)
         return real(model, req, job)
 
     monkeypatch.setattr(app_module, "_analysis_job", gated)
+    yield started, release
+    release.set()
+
+
+def test_health_counts_queued_jobs(client, held):
+    """A job waiting for the model shows in ``queued``; the model is ``busy`` while one runs."""
+    started, release = held
     with ThreadPoolExecutor(2) as pool:
         try:
             first = pool.submit(client.post, "/api/analyze", json={"prompt": "The cat", "top_k": 2})
@@ -516,18 +525,9 @@ def test_health_counts_queued_jobs(client, monkeypatch):
     assert health["busy"] is False and health["queued"] == 0
 
 
-def test_a_queued_socket_hears_its_place_and_leaving_frees_it(client, monkeypatch):
+def test_a_queued_socket_hears_its_place_and_leaving_frees_it(client, held):
     """Behind a running job, a socket is told how many jobs are ahead, then ``running``; one that closes while queued leaves the queue."""
-    release, started = threading.Event(), threading.Event()
-    real = app_module._analysis_job
-
-    def gated(model, req, job):
-        if req.prompt == "The cat":
-            started.set()
-            assert release.wait(30)
-        return real(model, req, job)
-
-    monkeypatch.setattr(app_module, "_analysis_job", gated)
+    started, release = held
     with ThreadPoolExecutor(1) as pool:
         try:
             first = pool.submit(client.post, "/api/analyze", json={"prompt": "The cat", "top_k": 2})

@@ -30,7 +30,7 @@ from hexray.analysis.attribution import (
     residual_direction,
     write_directions,
 )
-from hexray.analysis.results import Circuit, CircuitEdge, CircuitNode
+from hexray.analysis.results import Circuit, CircuitEdge, ComponentScore
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.tracing import sites
@@ -119,7 +119,7 @@ def circuit(
         target=attribution.target,
         contrast=attribution.contrast,
         value=attribution.value,
-        nodes=tuple(CircuitNode(c, dla[c]) for c in order),
+        nodes=tuple(ComponentScore(c, dla[c]) for c in order),
         edges=tuple(edges),
     )
 

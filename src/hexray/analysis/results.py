@@ -354,18 +354,6 @@ class TokenFlow(OnPrompt, ComparableResult):
 
 
 @dataclass(frozen=True)
-class CircuitNode:
-    """A component of a :class:`Circuit` with its direct logit attribution ``score`` (exact)."""
-
-    component: Component
-    score: float
-
-    @property
-    def name(self) -> str:
-        return self.component.name
-
-
-@dataclass(frozen=True)
 class CircuitEdge:
     """``source`` feeds ``destination`` (None: the explained logit) by ``score``.
 
@@ -392,7 +380,7 @@ class Circuit(OnPrompt):
     target: TokenScore
     contrast: TokenScore | None
     value: float
-    nodes: tuple[CircuitNode, ...]
+    nodes: tuple[ComponentScore, ...]  # each with its DLA score (exact)
     edges: tuple[CircuitEdge, ...]
     head_write_norm: np.ndarray  # [n_layers, n_heads]: |z_h W_O[h]| at ``position``, every head (before any post-norm)
     mlp_write_norm: np.ndarray  # [n_layers]: |mlp_out| at ``position``

@@ -127,11 +127,14 @@ def view_doc(v) -> dict:
 def layer_attribution_docs(report: Report) -> list[dict]:
     """The attribution one layer at a time (what ``/ws/analyze`` streams once the final norm's scale exists).
 
-    Each carries that layer's head scores (at head granularity) and its attention and MLP totals.
+    Each carries that layer's head scores (the document's ``head_scores`` row, when it has them)
+    and its attention and MLP totals.
     """
     spec, a = report.spec, report.attribution
-    per_head = report.head_attribution if report.head_attribution is not None else a
-    heads = per_head.head_matrix(spec.n_layers, spec.n_heads) if per_head.granularity == "head" else None
+    if report.head_attribution is not None:  # asked for at any granularity: what ``head_scores`` holds
+        heads = report.head_attribution.head_matrix(spec.n_layers, spec.n_heads)
+    else:
+        heads = a.head_matrix(spec.n_layers, spec.n_heads) if a.granularity == "head" else None
     attn, mlp = a.layer_totals(spec.n_layers)
     return [
         {"layer": layer, "n_layers": spec.n_layers, "heads": None if heads is None else _arr(heads[layer]),

@@ -1,9 +1,11 @@
 """The HexRay lab: one model, many clients; every answer is the CLI's ``--json`` document.
 
-Model work runs in a worker thread, one job at a time (a lock queues them), so the event loop
-stays free for ``/api/health``, the page and other connections. Work checks a stop flag at its
-natural steps (a generated token, a chunk of patching variants, a layer message), so a closed
-WebSocket or the time limit ends it there. A user's mistake answers 422 with
+Every job is one entry of :func:`_jobs` and is served twice: ``POST /api/NAME`` answers its
+document, ``/ws/NAME`` streams its messages and ends with the same document. Model work runs in a
+worker thread, one job at a time, first come first served (waiting sockets hear their place), so
+the event loop stays free for ``/api/health``, the page and other connections. Every forward pass
+checks its job's stop flag before each block, so a closed WebSocket (the lab closes a superseded
+request's) or the time limit frees the model there. A user's mistake answers 422 with
 ``{"ok": false, "error", "hint"}``; a request over the time limit answers 504.
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import mimetypes
 import threading
 from collections.abc import Callable
 from importlib import resources
@@ -31,6 +34,7 @@ from hexray.tracing.engine import cancellable
 from hexray.server import schemas
 
 STATIC = resources.files("hexray.server") / "static"
+mimetypes.add_type("text/javascript", ".js")  # some systems map .js to text/plain, which module scripts refuse
 log = logging.getLogger("hexray.server")
 
 
@@ -43,6 +47,7 @@ class Job:
 
     def __init__(self, send: Callable[[dict], None] | None = None):
         self.stop = threading.Event()
+        self.told_queued = False  # it heard its place in the queue, so it hears when its turn starts
         self._send = send
 
     @property
@@ -86,24 +91,29 @@ class ModelQueue:
     def _announce(self) -> None:
         """Tell each waiting job how many jobs are ahead of it (the running one included)."""
         for i, waiting in enumerate(self._queue):
+            waiting.told_queued = True
             waiting.tell({"type": "queued", "ahead": i + 1})
 
     async def run(self, job: Job, work: Callable[[Job], dict], deadline: float) -> dict:
         loop = asyncio.get_running_loop()
-        queued = self._lock.locked()
         self._queue.append(job)
-        if queued:
+        if self._lock.locked() or len(self._queue) > 1:
             self._announce()
         try:
             await asyncio.wait_for(self._lock.acquire(), timeout=max(deadline - loop.time(), 0.001))
         finally:
             self._queue.remove(job)
             self._announce()
-        if queued:
-            job.tell({"type": "running"})
-        self.busy = True
-        thread = asyncio.ensure_future(asyncio.to_thread(self._turn, job, work))
-        thread.add_done_callback(self._release)
+        try:
+            if job.told_queued:
+                job.tell({"type": "running"})
+            self.busy = True
+            thread = asyncio.ensure_future(asyncio.to_thread(self._turn, job, work))
+            thread.add_done_callback(self._release)
+        except BaseException:  # the turn never started: give it back
+            self.busy = False
+            self._lock.release()
+            raise
         try:
             return await asyncio.wait_for(asyncio.shield(thread), timeout=max(deadline - loop.time(), 0.001))
         except BaseException:
@@ -194,10 +204,9 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     ``allowed_hosts`` are names besides the loopback ones that ``Host`` may carry.
     """
     # no /docs or /redoc: their pages load scripts from a CDN, and the lab runs offline
-    AnalyzeRequest, AttentionRequest, PatchRequest = schemas.AnalyzeRequest, schemas.AttentionRequest, schemas.PatchRequest
-    AblateRequest, HeadsRequest, GenerateRequest = schemas.AblateRequest, schemas.HeadsRequest, schemas.GenerateRequest
     app = FastAPI(title="HexRay", version="0.1.0", description="A debugger for transformer language models.", docs_url=None, redoc_url=None)
     turns = ModelQueue()  # the model serves one job at a time, first come first served
+
     def check_length(text: str | None, field: str) -> None:
         if text is not None:
             check_text(text, field)  # before the tokenizer sees it
@@ -343,6 +352,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         return {"analyses": [
             {"name": a.name, "title": a.title, "json_key": a.json_key, "lab_panel": a.lab_panel,
              "switch": a.switch.request_field if a.switch else None,
+             "switch_type": None if a.switch is None else "flag" if a.switch.type is bool else "text",  # a checkbox, or a value to type
              "options": [_option_doc(o) for o in a.all_options if o.api]}
             for a in analyses()
         ]}

@@ -47,6 +47,7 @@ def _prompt(required: bool = True):
 
 
 def _models() -> dict[str, type[BaseModel]]:
+    from hexray.analysis.circuit import MAX_DEPTH, MAX_K
     from hexray.analysis.heads import HEADS_OPTIONS
     from hexray.analysis.report import trace_options
     from hexray.generation.tracer import GENERATION_OPTIONS
@@ -76,8 +77,8 @@ def _models() -> dict[str, type[BaseModel]]:
         "FlowRequest": request_model("FlowRequest", (), prompt=_prompt(), layer=(int | None, Field(None, ge=0)), exclude_first_key=(bool | None, Field(None, description="Leave the first token (the attention sink) out of the top pairs; default: when it is BOS."))),
         "CircuitRequest": request_model(
             "CircuitRequest", tuple(o for o in trace_options() if o.name in ("target", "contrast", "token_index")), prompt=_prompt(),
-            k=(int, Field(5, ge=1, le=12, description="Parents kept per node (and nodes expanded per level).")),
-            depth=(int, Field(2, ge=1, le=4, description="Levels back from the prediction.")),
+            k=(int, Field(5, ge=1, le=MAX_K, description="Parents kept per node (and nodes expanded per level).")),
+            depth=(int, Field(2, ge=1, le=MAX_DEPTH, description="Levels back from the prediction.")),
         ),
     }
 

@@ -5,6 +5,8 @@
   so padding never reaches a real token), chunked to a memory budget, streamed chunk by chunk,
   optionally stopping after the last layer an analysis reads;
 - :func:`run_with_gradients` — one forward and one backward pass to a scalar metric;
+- :func:`run_recorded` — one prompt with edits, recording every hook asked for, optionally
+  starting at a block from a recorded residual stream (the debugger);
 - :class:`IncrementalRun` — KV-cached steps over one growing sequence (generation).
 
 Runs with edits (patch, ablate, steer) are in :mod:`hexray.tracing.edits`.
@@ -118,8 +120,9 @@ def run_trace(
 ) -> Trace:
     """Run ``prompt`` through the model once, caching only ``hooks`` (plus the final-norm scale).
 
-    ``on_layer(layer, acts)`` is called as each block finishes, while the pass runs, with every
-    cached hook seen so far ([pos, ...], float32): what lets the server stream layers live.
+    ``on_layer(layer, acts)`` is called as each block finishes, while the pass runs, with that
+    block's ``resid_post`` and its cached attention and MLP outputs ([pos, ...], float32): what lets
+    the server stream layers live.
     """
     ids, offsets = tokenize_prompt(model, prompt, prepend_bos=prepend_bos)
     wanted = {parse_hook(h) for h in hooks} | {sites.FINAL_SCALE}
@@ -143,7 +146,7 @@ def capture(
 
     Rows are right-padded with their last token and trimmed back, so each row's activations are
     what it alone would give. ``stop_after_layer``: stop after that block (no logits, None).
-    ``on_layer(layer, acts)``: called after each block with the first row's hooks seen so far.
+    ``on_layer(layer, acts)``: called after each block with the first row's block outputs.
     """
     wanted = {parse_hook(h) for h in hooks}
     lengths = [len(r) for r in batch]
@@ -161,8 +164,15 @@ def capture(
     return logits, acts
 
 
+LIVE_POINTS = ("attn_out", "mlp_out")  # what a block's live report carries besides its result (resid_post)
+
+
 def _layer_watch(model: LoadedModel, wanted: set[Hook], n: int, on_layer) -> list[tuple[Hook, Callable]]:
-    """Hooks that keep the first row's ``wanted`` activations as they appear and report each finished block."""
+    """Hooks that keep the first row's block outputs as they appear and report each finished block.
+
+    ``on_layer(layer, acts)`` sees that block's ``resid_post`` and, where cached, its attention and
+    MLP outputs; each block's are dropped once reported, so the watch holds one block at a time.
+    """
     seen: dict[Hook, torch.Tensor] = {}
 
     def keep(name: Hook):
@@ -175,11 +185,59 @@ def _layer_watch(model: LoadedModel, wanted: set[Hook], n: int, on_layer) -> lis
         def hook(x, hook=None):
             seen[sites.resid_post(layer)] = x[0, :n].detach().float()  # always: it is the block's result
             on_layer(layer, seen)
+            seen.clear()
 
         return hook
 
-    kept = [(h, keep(h)) for h in sorted(wanted) if h.layer is not None and h.point != "resid_post"]
+    kept = [(h, keep(h)) for h in sorted(wanted) if h.point in LIVE_POINTS]
     return kept + [(sites.resid_post(layer), block_done(layer)) for layer in range(model.spec.n_layers)]
+
+
+def run_recorded(
+    model: LoadedModel,
+    token_ids: Sequence[int],
+    hooks: Iterable[str],
+    *,
+    edits: Sequence = (),
+    start_layer: int = 0,
+    resid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[Hook, torch.Tensor]]:
+    """One prompt's pass with ``edits`` applied, recording ``hooks`` ([pos, ...]) and the logits [pos, d_vocab].
+
+    With ``start_layer`` > 0 the pass starts at that block from ``resid`` ([pos, d_model], the
+    stream entering it, e.g. recorded by an earlier pass): an edit at layer L re-runs only the
+    blocks from L on (what the debugger's edit-and-continue costs). Hooks below ``start_layer``
+    are not recorded. ``edits``: :class:`hexray.tracing.edits.Edit` values.
+    """
+    wanted = sorted({parse_hook(h) for h in hooks})
+    n = len(token_ids)
+    check_fits(model, n, wanted, rows=1)
+    acts: dict[Hook, torch.Tensor] = {}
+
+    def edit_hook(edit):
+        def hook(x, hook=None):
+            mask, values = edit.mask.to(x.device), edit.values.to(x.device, x.dtype)
+            return x + torch.where(mask, values, torch.zeros_like(x)) if edit.op == "add" else torch.where(mask, values, x)
+
+        return hook
+
+    def keep(name: Hook):
+        def hook(x, hook=None):
+            acts[name] = _trim(name, x[0].detach(), n).float()
+
+        return hook
+
+    # edits first: a hook point runs its hooks in order, so what is recorded is the edited value
+    fwd = [(parse_hook(e.hook), edit_hook(e)) for e in edits] + [(h, keep(h)) for h in wanted] + stop_hooks(model)
+    if start_layer > 0:
+        if resid is None:
+            raise ValueError("start_layer needs the residual stream entering that block")  # a HexRay bug
+        inputs = resid[None].to(model.device, model.dtype)
+    else:
+        inputs = torch.tensor([list(token_ids)], device=model.device)
+    with torch.inference_mode():
+        logits = model.bridge.run_with_hooks(inputs, fwd_hooks=fwd, start_at_layer=start_layer if start_layer > 0 else None)
+    return logits[0].float(), acts
 
 
 def run_reduced(

@@ -17,6 +17,8 @@ export class Stopped extends Error {
   constructor() { super("stopped"); this.stopped = true; }
 }
 
+export class Superseded extends Stopped {}  // a newer request of the same panel took its place
+
 export const log = [];  // every request the page made: {panel, id, path, sent, ended, outcome} (read by the tests)
 
 // One socket, one request: handlers.message(m) for each streamed message, handlers.queued(ahead)
@@ -36,7 +38,7 @@ function open(path, body, handlers) {
       else handlers.message?.(m);
     };
     socket.onerror = () => reject(new Error("the connection to the server failed"));
-    socket.onclose = () => reject(new Stopped());
+    socket.onclose = (e) => reject(e.code === 1000 || e.code === 1005 ? new Stopped() : new Error(e.reason || `the connection closed (${e.code})`));
   });
   return { done, stop: () => { finish(new Stopped()); socket.close(); } };
 }
@@ -72,11 +74,11 @@ export class Channel {
     try {
       const doc = await job.done;
       entry.outcome = live() ? "landed" : "dropped";
-      if (!live()) throw new Stopped();
+      if (!live()) throw new Superseded();
       return doc;
     } catch (e) {
       if (entry.outcome === "running") entry.outcome = e.stopped ? (live() ? "stopped" : "superseded") : "error";
-      if (!live()) throw new Stopped();  // an answer to a superseded request is never shown
+      if (!live()) throw new Superseded();  // an answer to a superseded request is never shown
       throw e;
     } finally {
       entry.ended = performance.now();

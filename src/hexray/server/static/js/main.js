@@ -1,7 +1,7 @@
 // The lab's entry point: builds each registered panel, runs the analysis every panel reads, and
 // hands each panel its part of the stream. A panel is one module plus one line in panels/index.js.
 
-import { Channel, Stopped, getJSON, log } from "./api.js";
+import { Channel, Stopped, Superseded, getJSON, log } from "./api.js";
 import { $ } from "./draw.js";
 import { PANELS } from "./panels/index.js";
 import { docs, readURL, set, state, subscribe } from "./store.js";
@@ -28,6 +28,7 @@ function busy(panel, ahead) {
   const badge = document.getElementById(`${panel}-queue`) || document.querySelector(`#${panel}-panel .queue`);
   if (badge) badge.textContent = ahead === null ? "" : ahead > 0 ? `queued · ${ahead} ahead` : "running";
   if (ahead > 0) status(`${panel}: waiting for the model · ${ahead} job${ahead > 1 ? "s" : ""} ahead`);
+  else if ($("status").textContent.startsWith(`${panel}: waiting`)) status(`${panel}: running…`);
   for (const button of document.querySelectorAll(`[data-stop="${panel}"]`)) button.disabled = ahead === null;
 }
 
@@ -42,6 +43,7 @@ export async function job(panel, path, body, message) {
   try {
     return await channel(panel).request(path, body, { message });
   } catch (e) {
+    if (e instanceof Superseded) return null;  // the newer request speaks for the panel
     if (e instanceof Stopped) { status(`${panel}: stopped`); return null; }
     showError(e.message);
     return null;
@@ -59,8 +61,11 @@ export function analysisRequest() {
   return body;
 }
 
+let analysisRuns = 0;
+
 export async function analyse() {
   if (!state.prompt.trim()) { showError("the prompt is empty"); return; }
+  const run = ++analysisRuns;
   const started = performance.now();
   lab.layerMessages = 0;
   lab.firstLayerMs = null;
@@ -68,6 +73,7 @@ export async function analyse() {
   for (const p of PANELS) p.analysisStarted?.();
   status("analysing…");
   const live = liveDrawing(started);
+  lab.streaming = true;  // panels draw the stream's partial rows until the document arrives
   const doc = await job("analysis", "/ws/analyze", analysisRequest(), (m) => {
     if (m.type === "layer") {
       lab.layerMessages += 1;
@@ -80,7 +86,9 @@ export async function analyse() {
     }
   });
   live.cancel();
-  if (!doc) return;
+  if (run !== analysisRuns) return;  // superseded: the newer analysis owns the panels now
+  lab.streaming = false;
+  if (!doc) { renderAll(); return; }  // stopped or failed: back to the last complete view
   const t0 = performance.now();
   mark("done");
   delete doc.type;

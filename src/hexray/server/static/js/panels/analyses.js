@@ -1,6 +1,7 @@
 // Every registered analysis without a panel of its own: a checkbox adds it to the next analysis,
 // and its table (the registry's View) is drawn here.
 import { $, fillTable } from "../draw.js";
+import { set, state } from "../store.js";
 
 export default {
   id: "analyses",
@@ -18,17 +19,33 @@ export default {
     for (const a of registry.filter((x) => x.lab_panel === "analyses-panel" && x.switch)) {
       const label = document.createElement("label");
       const input = document.createElement("input");
-      input.type = "checkbox";
       input.dataset.field = a.switch;
       input.dataset.name = a.name;
-      label.append(input, ` ${a.title}`);
+      if (a.switch_type === "flag") {
+        input.type = "checkbox";
+        input.checked = state.analyses.includes(a.name);
+        label.append(input, ` ${a.title}`);
+      } else {  // switched on by a value (weights: which matrices), typed here
+        input.type = "text";
+        input.size = 16;
+        input.spellcheck = false;
+        input.placeholder = (a.options.find((o) => o.name === a.switch) || {}).help?.slice(0, 40) || a.switch;
+        label.append(`${a.title} `, input);
+      }
+      input.addEventListener("change", () => set({ analyses: this.ticked() }));
       box.append(label);
     }
     if (!box.children.length) box.textContent = "every registered analysis has its own panel";
   },
 
-  request() {  // the ticked analyses' switches, added to the analysis request
-    return Object.fromEntries([...document.querySelectorAll("#analyses-options input:checked")].map((box) => [box.dataset.field, true]));
+  ticked() { return [...document.querySelectorAll("#analyses-options input:checked")].map((box) => box.dataset.name); },
+
+  request() {  // the ticked analyses' switches (and typed values), added to the analysis request
+    const fields = {};
+    for (const input of document.querySelectorAll("#analyses-options input")) {
+      if (input.type === "checkbox" ? input.checked : input.value.trim()) fields[input.dataset.field] = input.type === "checkbox" ? true : input.value.trim();
+    }
+    return fields;
   },
 
   render() {

@@ -4,7 +4,7 @@
 // This 2D map carries the three channels a 3D layer × head view would, without hiding cells
 // behind one another (the note on issue 13 argues it).
 import { $, LEGEND, canvasFigure, clip, css, diverging, emptyCanvas, fmt, hover, maxAbs, rowNames, sizeCanvas } from "../draw.js";
-import { ran, state } from "../store.js";
+import { ran, set, state } from "../store.js";
 
 const CW = 30, CH = 18, LEFT = 40, TOP = 22, GAP = 8;
 
@@ -30,6 +30,10 @@ export default {
   init({ lab, job, channel, status }) {
     this.lab = lab; this.job = job; this.status = status; this.doc = null;
     $("circuit-panel").querySelector(".legend").textContent = `${LEGEND} · brighter: writes more at the explained position · ◆ in the circuit`;
+    for (const [id, key] of [["circuit-k", "circuit_k"], ["circuit-depth", "circuit_depth"]]) {
+      $(id).value = state[key];
+      $(id).addEventListener("change", () => set({ [key]: $(id).value }));
+    }
     $("circuit-run").addEventListener("click", () => this.run());
     $("circuit-stop").addEventListener("click", () => channel("circuit").stop());
     hover($("circuit-map"), (h) => this.describe(h));
@@ -39,7 +43,8 @@ export default {
 
   async run() {
     if (!state.prompt.trim()) return;
-    const body = { prompt: state.prompt, k: Number($("circuit-k").value), depth: Number($("circuit-depth").value) };
+    set({ circuit_k: $("circuit-k").value, circuit_depth: $("circuit-depth").value });
+    const body = { prompt: state.prompt, k: Number(state.circuit_k), depth: Number(state.circuit_depth) };
     if (state.target) body.target = state.target;
     if (state.contrast) body.contrast = state.contrast;
     if (state.pos !== null) body.token_index = state.pos;

@@ -57,6 +57,7 @@ export default {
   },
 
   render() {
+    if (this.lab.streaming && this.partial.length) { this.drawLive(); return; }
     const analysis = this.lab.analysis;
     if (!analysis) { emptyCanvas($("dla-map"), "run an analysis"); return; }
     const { info, heads, nHeadCols, cell } = headGrid(analysis);

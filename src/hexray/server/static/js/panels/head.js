@@ -17,7 +17,11 @@ export default {
   init({ lab, job }) {
     this.lab = lab; this.job = job; this.doc = null;
     hover($("attn-map"), (h) => (this.doc ? this.describe(h) : ""));
-    subscribe((changed) => { if (changed.includes("head") && state.head && lab.analysis) this.load(); });
+    subscribe((changed) => {
+      if (!changed.includes("head")) return;
+      if (state.head && lab.analysis) this.load();
+      else if (!state.head) { this.doc = null; delete lab.docs["head-panel"]; this.render(); }
+    });
   },
 
   analysed() { if (state.head) return this.load(); },
@@ -28,6 +32,7 @@ export default {
     const name = state.head, prompt = this.lab.analysis.prompt;
     $("head-name").textContent = `${name} loading…`;
     const doc = await this.job("head", "/ws/attention", { prompt, layer, head, exclude_first_key: true });  // without a BOS, the first word is the sink
+    if (state.head !== name) return;  // another head was asked for meanwhile
     if (!doc) { $("head-name").textContent = name; return; }
     this.doc = doc;
     this.lab.docs["head-panel"] = doc;
@@ -35,10 +40,9 @@ export default {
   },
 
   render() {
-    const canvas = $("attn-map"), doc = this.doc;
-    if (!doc) { emptyCanvas(canvas, "click a head in the attribution map"); return; }
+    const canvas = $("attn-map"), doc = this.doc, a = this.lab.analysis;
+    if (!doc || (a && a.prompt !== doc.prompt)) { emptyCanvas(canvas, "click a head in the attribution map"); return; }
     $("head-name").textContent = `${doc.name} · rows: query position, columns: key position`;
-    const a = this.lab.analysis;
     const dla = a && a.head_scores ? a.head_scores[doc.layer][doc.head] : null;
     const q = a ? a.position : doc.tokens.length - 1;
     const row = doc.pattern[q] || [];

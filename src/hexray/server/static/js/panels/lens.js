@@ -13,7 +13,7 @@ export default {
   init({ lab, analyse }) {
     this.lab = lab; this.live = [];
     hover($("lens-grid"), (h) => this.describe(h), (h) => {
-      if (this.live.length || !lab.analysis) return;
+      if (lab.streaming || !lab.analysis) return;
       set({ pos: lab.analysis.residual.lens_positions[h.c] });
       analyse();
     });
@@ -33,7 +33,7 @@ export default {
   },
 
   render() {
-    this.live = [];
+    if (this.lab.streaming) { if (this.live.length) this.drawLive(); return; }  // mid-pass (a theme change): keep the live rows
     const canvas = $("lens-grid"), a = this.lab.analysis;
     const res = a && a.residual, lens = a && a.logit_lens;
     if (!res || !lens) { emptyCanvas(canvas, "run an analysis"); return; }
@@ -63,7 +63,7 @@ export default {
 
   describe({ r, c }) {
     const a = this.lab.analysis;
-    if (this.live.length) {
+    if (this.lab.streaming) {
       const m = this.live[r];
       return m ? [`after L${r}, position ${m.position} (live)`, ...m.lens.map((t) => `  ${t.prob.toFixed(3)} ${showTok(t.token)}`)].join("\n") : "";
     }

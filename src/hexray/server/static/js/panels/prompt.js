@@ -26,7 +26,15 @@ export default {
   init({ analyse, channel }) {
     for (const [id, key] of Object.entries(FORM)) {
       $(id).value = state[key];
-      $(id).addEventListener("input", () => set({ [key]: $(id).value }));
+      $(id).addEventListener("input", () => {
+        set({ [key]: $(id).value });
+        const p = (this.presets || []).find((x) => x.name === state.preset);
+        if (p && (state.prompt !== p.prompt || state.target !== (p.target || "") || state.contrast !== (p.contrast || ""))) {
+          set({ preset: "" });  // edited away from the preset: its expected circuit no longer applies
+          $("preset").value = "";
+          this.explain("");
+        }
+      });
     }
     const fresh = () => { set({ pos: null }); analyse(); };
     $("run").addEventListener("click", fresh);

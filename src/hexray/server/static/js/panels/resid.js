@@ -26,7 +26,7 @@ export default {
   },
 
   render() {
-    this.live = [];
+    if (this.lab.streaming) { if (this.live.length) this.drawLive(); return; }  // mid-pass (a theme change): keep the live rows
     const canvas = $("resid-chart"), a = this.lab.analysis;
     const res = a && a.residual;
     if (!res) { emptyCanvas(canvas, "run an analysis"); return; }
