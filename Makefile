@@ -68,6 +68,7 @@ bench: setup
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_server.py
 	$(PY) benchmarks/bench_page.py
+	$(PY) benchmarks/bench_warm.py
 
 serve: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hexray serve --open

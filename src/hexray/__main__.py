@@ -1,5 +1,5 @@
 import sys
 
-from hexray.cli import main
+from hexray.warm import main
 
 sys.exit(main())

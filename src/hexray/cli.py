@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from hexray import warm
 from hexray.errors import HexRayError, spell_indexed
 from hexray.models.loading import load_model
 
@@ -98,19 +99,28 @@ def _unset(cls, name: str) -> bool:
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    server: Annotated[Optional[str], typer.Option("--server", envvar=warm.SERVER_ENV, help="Run the command on a warm `hexray serve` (its model already loaded): a URL, or auto for a local one (else a cold run here).")] = None,
+) -> None:
     """A debugger for transformer language models: see how a prediction forms, layer by layer."""
+    # hexray.warm.dispatch takes --server before typer sees the arguments; it is declared here for --help
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr); in a warm run, drawing on the client's terminal's terms."""
+    served = warm.SERVED.get()
+    return served.console(stderr) if served is not None else Console(stderr=stderr)
 
 
 def _stderr() -> Console:
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 @contextmanager
 def _status(message: str, quiet: bool):
     """A spinner on stderr for slow steps (silent when stderr is not a terminal)."""
     console = _stderr()
-    if quiet or not console.is_terminal:
+    if quiet or warm.SERVED.get() is not None or not console.is_terminal:  # a warm run's output is not live
         yield lambda _msg: None
         return
     with console.status(message) as status:
@@ -121,6 +131,8 @@ def _load(model: str | None, quiet: bool, device: str = "cpu", dtype: str = "flo
     from hexray.models.loading import resolve_device, resolve_dtype
 
     resolve_device(device), resolve_dtype(dtype)  # a bad flag fails before a long load
+    if (served := warm.SERVED.get()) is not None:  # a warm run: the server's model, if it is the one asked for
+        return served.model_for(model, device, dtype)
     with _status("Loading model...", quiet) as update:
         return load_model(model, progress=update, device=device, dtype=dtype)
 
@@ -198,7 +210,7 @@ def trace_command(
         return
     from hexray.render.console import render_report
 
-    console = Console()
+    console = _console()
     render_report(result, console)
     _print_expected(console, task)
     if written:
@@ -322,7 +334,7 @@ def _finish(json_out: bool, report: Path | None, document: dict, files, show, ta
             document["report_files"] = [str(p) for p in written]
         sys.stdout.write(json.dumps(document, allow_nan=False) + "\n")
         return
-    console = Console()
+    console = _console()
     show(console)
     _print_expected(console, task)
     if written:
@@ -511,7 +523,7 @@ def generate_command(
         check_writable(report)
     loaded = _load(model, json_out, device, dtype)
     run = TracedGeneration(loaded, prompt, options)
-    console = Console()
+    console = _console()
     if not json_out:
         console.print(Text.assemble(("Prompt ", "bold"), " ".join(repr(t) for t in loaded.token_strs(run.prompt_ids))))
     interrupted = False
@@ -556,7 +568,36 @@ def presets_command(json_out: JsonOpt = False) -> None:
         table.add_column(column, overflow="fold")
     for p in PRESETS:
         table.add_row(Text(p.name, style="bold"), Text(p.title), Text(repr(p.prompt)), Text(p.expected, style="dim"))
-    Console().print(table)
+    _console().print(table)
+
+
+@app.command("debug")
+def debug_command(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Run this prompt first (as `run PROMPT`).")] = None,
+    script: Annotated[Optional[Path], typer.Option("-x", "--command-file", help="Run the commands in FILE (one a line, as gdb -x) and exit.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="With -x: one JSON object per command.")] = False,
+) -> None:
+    """A gdb for the forward pass: breakpoints, stepping both ways, edits and continue (help inside lists the commands)."""
+    from hexray.debugger.repl import interactive, run_script
+    from hexray.debugger.session import Session
+    from hexray.models.loading import cache_root
+
+    lines = None
+    if script is not None:
+        try:
+            lines = script.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HexRayError(f"cannot read {script}: {getattr(exc, 'strerror', None) or exc}", hint="-x takes a text file of debugger commands") from None
+    session = Session(_load(model, json_out or script is not None, device, dtype))
+    first = [f"run {prompt}"] if prompt else []
+    if lines is not None:
+        raise typer.Exit(run_script(session, first + lines, json_out=json_out))
+    if first:
+        run_script(session, first, echo=False)
+    raise typer.Exit(interactive(session, cache_root() / "debug_history"))
 
 
 @app.command("serve")
@@ -581,6 +622,7 @@ def serve_command(
 
     import uvicorn
 
+    from hexray.models.loading import model_key
     from hexray.server.app import create_app
 
     if not 0 < port < 65536:
@@ -601,12 +643,16 @@ def serve_command(
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     _stderr().print(f"HexRay lab for {escape(loaded.name)} on {escape(url)}  (Ctrl-C stops it)", highlight=False)
     extra_hosts = tuple(allow_host or ()) + (() if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::") else (host,))
-    app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens, allowed_hosts=extra_hosts)
+    token = warm.new_token()  # for POST /api/cli (hexray --server): only processes that can read the discovery file hold it
+    app_ = create_app(loaded, time_limit=time_limit, max_tokens=max_tokens, allowed_hosts=extra_hosts, cli_token=token, model_key=model_key(model))
     if open_browser:
         import threading
 
         threading.Thread(target=_open_when_listening, args=(host, port, url), daemon=True).start()
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    with warm.advertise(host, port, loaded.name, token) as advertised:
+        if isinstance(advertised, OSError):
+            _stderr().print(f"[bold yellow]warning:[/] hexray --server cannot find this server: {escape(str(advertised))}", highlight=False)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def _open_when_listening(host: str, port: int, url: str, wait: float = 60.0) -> None:
@@ -628,9 +674,20 @@ def _open_when_listening(host: str, port: int, url: str, wait: float = 60.0) -> 
 _PASSTHROUGH = {"--help", "-h", "--version"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code (and exits with it when run as a script)."""
-    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+def main(argv: list[str] | None = None, *, warm: bool = True) -> int:
+    """Console-script entry point; returns the exit code (and exits with it when run as a script).
+
+    ``warm=False``: never hand the command to a server (the server itself, and hexray.warm.main, which already tried).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if warm:
+        from hexray.warm import dispatch  # the parameter shadows the module here
+
+        code, args = dispatch(args)
+        if code is not None:
+            return code
+    args = args or ["--help"]
+    _flags.clear()  # the flags of this command only (a server runs many)
     if args and args[0].startswith("-") and args[0] not in _PASSTHROUGH:
         args.insert(0, "trace")  # the reference tool's `hexray --prompt ...`
     if args[:1] == ["--version"]:

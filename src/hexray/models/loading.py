@@ -348,6 +348,24 @@ def load_model(name: str | None = None, *, progress: Progress | None = None, dev
     return _boot(hub_id, key, "hub", say, where)
 
 
+def model_key(name: str | None) -> str:
+    """What ``load_model(name)`` would load, as one comparable string; loads nothing.
+
+    The embedded models by their canonical names, a path resolved against the working directory,
+    an alias by its Hugging Face id. A warm server (``hexray --server``) compares the client's with
+    its own before it runs a command.
+    """
+    key = (name or "").strip()
+    if key.lower() in _EMBEDDED_NAMES:
+        return EMBEDDED_MODEL
+    if key.lower() in _GEMMA_NAMES:
+        return GEMMA_MODEL
+    path = Path(key).expanduser()
+    if key.lower().endswith(".gguf") or path.is_dir() or key.startswith((".", "/", "~")):
+        return str(path.resolve())
+    return MODEL_ALIASES.get(key.lower(), key)
+
+
 def _boot_cached(folder_of: Callable[[], Path], name: str, source: str, say: Progress, where: _Placement, *, weights: str) -> LoadedModel:
     """Boot a model from its dequantized cache folder; a cached copy that no longer loads is rebuilt once, saying so."""
     try:

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import mimetypes
+import os
+import secrets
 import threading
 from collections.abc import Callable
 from importlib import resources
@@ -22,7 +24,7 @@ from html import escape
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel
@@ -196,12 +198,16 @@ async def _answer(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int = 1024, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int = 1024, allowed_hosts: tuple[str, ...] = (),
+               cli_token: str | None = None, model_key: str | None = None) -> FastAPI:
     """The lab serving ``model`` (already loaded; the server loads it once).
 
     ``max_tokens`` bounds every prompt the server takes (the page stays responsive and the
     patching batch stays in memory); ``time_limit`` bounds each request's seconds;
     ``allowed_hosts`` are names besides the loopback ones that ``Host`` may carry.
+    ``cli_token``: the secret ``POST /api/cli`` (warm ``hexray --server`` runs) asks for; without
+    one that endpoint refuses everything. ``model_key``: what ``--model`` spelling the served model
+    answers to (``hexray.models.loading.model_key``; default: from its name).
     """
     # no /docs or /redoc: their pages load scripts from a CDN, and the lab runs offline
     app = FastAPI(title="HexRay", version="0.1.0", description="A debugger for transformer language models.", docs_url=None, redoc_url=None)
@@ -344,6 +350,31 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     for name, (request_type, work, about) in _jobs(model).items():
         _route(app, name, request_type, work, about, on_model, stream)
 
+    served_key = model_key or _model_key(model.name)
+
+    @app.post("/api/cli")
+    async def cli_command(req: schemas.CliRequest, request: Request) -> Response:
+        """A one-shot ``hexray`` command on this model (``hexray --server``): {exit_code, stdout, stderr, refused}.
+
+        Only for a process that read the token from the server's discovery file (the same user on
+        this machine). It queues with every other job; a client that hangs up stops it.
+        """
+        if cli_token is None or not secrets.compare_digest(req.token.encode(), cli_token.encode()):
+            raise HexRayError("wrong or missing token: /api/cli runs commands only for the user who started this server", http_status=403,
+                              hint="hexray --server reads the token from the server's discovery file" if cli_token else "this server takes no CLI commands")
+        if not os.path.isabs(req.cwd):
+            raise HexRayError("cwd must be an absolute path", field="cwd")
+        from hexray import warm
+
+        work = asyncio.ensure_future(on_model(req, lambda job: warm.run_cli(model, served_key, req, reraise=(Cancelled,))))
+        gone = asyncio.ensure_future(_hung_up(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():  # Ctrl-C on the client: the job stops at its next block
+            work.cancel()
+            return Response(status_code=499)
+        return Response(json.dumps(work.result()), media_type="application/json")  # ASCII JSON: any text survives
+
     @app.get("/api/analyses")
     async def registered_analyses() -> dict:
         """The registry: every analysis /api/analyze can run, its request fields and the lab panel that draws it."""
@@ -419,10 +450,22 @@ def _jobs(model: LoadedModel) -> dict[str, tuple[type[BaseModel], Callable[[Base
     }
 
 
-_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET")] + [
+_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET"), ("/api/cli", "POST")] + [
     (path, method) for name in ("analyze", "attention", "flow", "circuit", "patch", "ablate", "analyze/set", "patch/set", "ablate/set", "heads", "generate")
     for path, method in ((f"/api/{name}", "POST"), (f"/ws/{name}", "WEBSOCKET"))
 ]
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client closes the connection (the body is read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _model_key(name: str) -> str:
+    from hexray.models.loading import model_key
+
+    return model_key(name)
 
 
 def _first_error(exc: Exception) -> str:

@@ -42,6 +42,29 @@ def request_model(name: str, options: tuple[Option, ...], **fixed: tuple[Any, An
     return create_model(name, __base__=_Request, **fields)
 
 
+class Terminal(_Request):
+    """How the client's console draws (``hexray.warm.terminal``): the server renders the command's output the same way."""
+
+    width: int = Field(80, ge=1, le=10_000)
+    height: int = Field(25, ge=1, le=10_000)
+    color_system: Literal["standard", "256", "truecolor", "windows"] | None = None
+    terminal: bool = False
+    no_color: bool = False
+    encoding: str = Field("utf-8", max_length=40)
+    legacy_windows: bool = False
+
+
+class CliRequest(_Request):
+    """``POST /api/cli``: one ``hexray`` command (``argv``), run as in the client's ``cwd`` (``hexray --server``)."""
+
+    argv: list[str] = Field(max_length=1000)
+    cwd: str = Field(min_length=1, max_length=4096)
+    token: str = Field("", max_length=200)
+    env: dict[str, str] = Field(default_factory=dict, description="The client's HEXRAY_MODEL, HEXRAY_DEVICE, HEXRAY_DTYPE, HEXRAY_MEMORY_BUDGET (others are ignored).")
+    stdout: Terminal = Field(default_factory=Terminal)
+    stderr: Terminal = Field(default_factory=Terminal)
+
+
 def _prompt(required: bool = True):
     return (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)) if required else (str | None, Field(None, min_length=1, max_length=MAX_PROMPT_CHARS))
 

@@ -235,9 +235,39 @@ def run_recorded(
         inputs = resid[None].to(model.device, model.dtype)
     else:
         inputs = torch.tensor([list(token_ids)], device=model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), _blocks_from(model, start_layer):
         logits = model.bridge.run_with_hooks(inputs, fwd_hooks=fwd, start_at_layer=start_layer if start_layer > 0 else None)
     return logits[0].float(), acts
+
+
+@contextmanager
+def _blocks_from(model: LoadedModel, start: int):
+    """Within this block the model's own layer loop holds only blocks ``start``.. .
+
+    The bridge's ``start_at_layer`` injects the residual at block ``start`` but still runs every
+    block before it and throws their output away (measured: resuming at block 23 of 30 cost a full
+    pass); the blocks before ``start`` are removed from the loop for the call instead.
+    """
+    found = _block_list(model) if start > 0 else None
+    if found is None:
+        yield
+        return
+    parent, name, blocks = found
+    setattr(parent, name, torch.nn.ModuleList(list(blocks)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, blocks)
+
+
+def _block_list(model: LoadedModel):
+    """(parent module, attribute, ModuleList) of the HF model's list that holds the bridge's blocks, or None."""
+    blocks = list(model.bridge.blocks)
+    for parent in model.bridge.original_model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == len(blocks) and all(a is b for a, b in zip(child, blocks)):
+                return parent, name, child
+    return None
 
 
 def run_reduced(
