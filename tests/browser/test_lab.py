@@ -441,3 +441,15 @@ def test_a_busy_model_shows_the_queue_position(lab):
     lab.analysed(n)
     assert lab.text("#analysis-queue") == ""
     _idle(lab)
+
+
+def test_a_hand_edited_url_falls_back_to_what_the_form_offers(server, browser):
+    page = Page(browser, server + "?prompt=The+capital+of+France+is&gran=atoms&sweep=bogus&mode=nope")
+    try:
+        page.analysed()
+        assert page.page.input_value("#granularity") == "head" and page.page.input_value("#sweep") == "heads"
+        assert page.page.input_value("#mode") == "zero" and page.page.locator("#error").is_hidden()
+        assert "atoms" not in page.page.url and "bogus" not in page.page.url and "nope" not in page.page.url
+        assert not page.errors
+    finally:
+        page.page.close()

@@ -27,6 +27,16 @@ export function set(patch) {
   }
 }
 
+// Put state[key] into a form control; a value the control does not offer (a hand-edited URL) falls
+// back to the control's own, so the state never sends what the form does not show.
+export function bind(control, key) {
+  control.value = state[key];
+  if (control.tagName === "SELECT" && control.value !== String(state[key])) {
+    control.selectedIndex = Math.max(0, [...control.options].findIndex((o) => o.defaultSelected));  // its default
+    set({ [key]: control.value });
+  }
+}
+
 export function ran(job) {
   if (!state.ran.includes(job)) set({ ran: [...state.ran, job] });
 }

@@ -1,6 +1,6 @@
 // Ablation: the next-token distribution before and after removing components.
 import { $, canvasFigure, clip, drawPairedBars, emptyCanvas, showTok } from "../draw.js";
-import { ran, set, state, subscribe } from "../store.js";
+import { bind, ran, set, state, subscribe } from "../store.js";
 
 export default {
   id: "ablate",
@@ -17,7 +17,7 @@ export default {
   init({ lab, job, status }) {
     this.lab = lab; this.job = job; this.status = status; this.doc = null;
     for (const [id, key] of [["components", "components"], ["mode", "mode"]]) {
-      $(id).value = state[key];
+      bind($(id), key);
       $(id).addEventListener("input", () => set({ [key]: $(id).value }));
       $(id).addEventListener("change", () => set({ [key]: $(id).value }));
     }

@@ -1,6 +1,6 @@
 // Activation patching clean → corrupt: progress while the sweep runs, ■ stop, then the map.
 import { $, LEGEND, canvasFigure, clip, diverging, drawGrid, emptyCanvas, fmt, hover, listItems, maxAbs, rowNames, showTok } from "../draw.js";
-import { ran, set, state, subscribe } from "../store.js";
+import { bind, ran, set, state, subscribe } from "../store.js";
 
 const FORM = { clean: "clean", corrupt: "corrupt", sweep: "sweep", method: "method" };
 
@@ -48,7 +48,7 @@ export default {
     this.lab = lab; this.job = job; this.status = status; this.doc = null;
     $("patch-panel").querySelector(".legend").textContent = LEGEND;
     for (const [id, key] of Object.entries(FORM)) {
-      $(id).value = state[key];
+      bind($(id), key);
       $(id).addEventListener("change", () => set({ [key]: $(id).value }));
       $(id).addEventListener("input", () => set({ [key]: $(id).value }));
     }

@@ -1,6 +1,6 @@
 // The prompt, the explained token and the presets: what every analysis starts from.
 import { $, sequential, showTok } from "../draw.js";
-import { set, state, subscribe } from "../store.js";
+import { bind, set, state, subscribe } from "../store.js";
 
 const FORM = { prompt: "prompt", granularity: "granularity", target: "target", contrast: "contrast" };  // element id -> state key
 
@@ -25,7 +25,7 @@ export default {
 
   init({ analyse, channel }) {
     for (const [id, key] of Object.entries(FORM)) {
-      $(id).value = state[key];
+      bind($(id), key);
       $(id).addEventListener("input", () => {
         set({ [key]: $(id).value });
         const p = (this.presets || []).find((x) => x.name === state.preset);
