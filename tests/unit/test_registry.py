@@ -28,15 +28,17 @@ PROMPT = "12 + 34 = 46. Then 5 + 7 ="
 SWITCHED = [a for a in analyses() if a.switch is not None]
 
 
-def _on(a):
-    """A value that switches ``a`` on."""
+def _on(a, model=None):
+    """A value that switches ``a`` on (for ``model``, where the analysis needs something made first)."""
+    if a.example is not None and model is not None:
+        return a.example(model)
     tp = a.switch.type
     return ("attn.L0.W_Q",) if tp == tuple[str, ...] else 3 if tp is int else True
 
 
 @pytest.fixture(scope="module")
 def everything(tiny_llama):
-    options = AnalysisOptions(granularity="layer", **{a.switch.name: _on(a) for a in SWITCHED})
+    options = AnalysisOptions(granularity="layer", **{a.switch.name: _on(a, tiny_llama) for a in SWITCHED})
     return analyze(tiny_llama, PROMPT, options)
 
 
@@ -95,7 +97,7 @@ def test_the_api_lists_the_registry_and_runs_everything_the_cli_can(tiny_llama):
         assert [a["name"] for a in listed] == [a.name for a in analyses()]
         body = {"prompt": PROMPT, "granularity": "layer"}
         for a in SWITCHED:
-            value = _on(a)
+            value = _on(a, tiny_llama)
             body[a.switch.request_field] = list(value) if isinstance(value, tuple) else value
         r = client.post("/api/analyze", json=body)
         assert r.status_code == 200, r.text

@@ -722,7 +722,7 @@ def test_every_job_is_served_over_a_socket_too(client):
     """The lab runs every job over a socket (so a newer request can stop it): each POST endpoint has its /ws twin."""
     routes = {route.path for route in client.app.routes}
     # /api/cli is no lab job: hexray --server's one-shot commands (tests/unit/test_warm.py)
-    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/cli")}
+    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/dictionaries", "/api/cli")}
     assert {"analyze", "attention", "flow", "circuit", "patch", "ablate", "heads", "generate", "analyze/set", "patch/set", "ablate/set"} <= posts
     assert {f"/ws/{name}" for name in posts} <= routes
     with client.websocket_connect("ws://127.0.0.1/ws/attention") as ws:

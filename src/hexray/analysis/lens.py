@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.tracing import sites
 from hexray.tracing.engine import Trace, resolve_position
 from hexray.tracing.sites import Hook
+
+if TYPE_CHECKING:  # features.tuned_lens imports this module
+    from hexray.features.tuned_lens import TunedLens
 
 
 def lens_hooks(spec: ModelSpec) -> set[str]:
@@ -39,15 +43,23 @@ def lens_logits(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
         return model.apply_final_norm(resid) @ model.W_U + model.b_U
 
 
-def logit_lens(model: LoadedModel, trace: Trace, *, position: int = -1, target: int | None = None, k: int = 5) -> LogitLens:
+def logit_lens(
+    model: LoadedModel, trace: Trace, *, position: int = -1, target: int | None = None, k: int = 5, tuned: TunedLens | None = None,
+) -> LogitLens:
     """Per layer, the top-``k`` tokens at ``position`` and the rank and probability of ``target``.
 
-    ``target`` defaults to the model's final prediction at ``position``.
+    ``target`` defaults to the model's final prediction at ``position``. With ``tuned``, each row is
+    read through that tuned lens's translator first (same rows; the final row is unchanged).
     """
     pos = resolve_position(position, trace.n_tokens)
     target_id = int(trace.logits[pos].argmax()) if target is None else int(target)
     resid = stacked_residual(model, trace)[:, pos]  # [rows, d_model]
-    logits = lens_logits(model, resid)  # [rows, d_vocab]
+    if tuned is None:
+        logits = lens_logits(model, resid)  # [rows, d_vocab]
+    else:
+        from hexray.features.tuned_lens import tuned_logits
+
+        logits = tuned_logits(model, tuned, resid)
     probs = torch.softmax(logits.double(), dim=-1)
     top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
     ranks = (logits > logits[:, target_id : target_id + 1]).sum(-1)  # tokens strictly above target

@@ -59,6 +59,11 @@ class Analysis:
     lab_panel: str = "analyses-panel"  # the lab panel that draws it (the generic one draws ``table``)
     absent: Any = None  # the Report attribute when it is not computed
     report_by_default: bool = False  # a figure is the point: the CLI writes --report hexray-report/ unless told where
+    # rewrites the core attribution before any analysis sees it (a dictionary splits its sites into features)
+    refine: Callable[[LoadedModel, Trace, Attribution, Any], Attribution] | None = None
+    # a value of ``switch`` that turns it on for ``model`` (making what it reads, e.g. a small random
+    # dictionary in the cache): the drift test and the docs' examples; None: any truthy value does
+    example: Callable[[LoadedModel], Any] | None = None
 
     @property
     def all_options(self) -> tuple[Option, ...]:
@@ -78,6 +83,7 @@ def lazy(path: str) -> Callable:
 MODULES: tuple[str, ...] = (
     "hexray.analysis.sections",
     "hexray.analysis.head_metrics",
+    "hexray.analysis.features",
 )
 
 

@@ -106,6 +106,9 @@ def analyze(model: LoadedModel, prompt: str, options=None, *, on_layer: Callable
     )
     if attribution.contrast is not None and attribution.contrast.id == attribution.target.id:
         raise HexRayError("target and contrast are the same token", hint="the explained value would be 0; give a different {field}", field="contrast")
+    for a in analyses():
+        if a.refine is not None and a.enabled(options):
+            attribution = a.refine(model, trace, attribution, options)
     ctx = Context(model.spec, options, attribution)
     sections = {a.name: a.compute(model, trace, ctx) for a in analyses() if a.switch is not None and a.enabled(options)}
     return Report(spec=model.spec, options=options, attribution=attribution, sections=sections, trace=trace)

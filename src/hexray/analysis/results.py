@@ -142,10 +142,10 @@ class Attribution(OnPrompt):
         """Per-layer (attention, MLP) totals, [n_layers] each, at any granularity."""
         attn, mlp = np.zeros(n_layers), np.zeros(n_layers)
         for c in self.components:
-            kind = c.component.kind
-            if kind in ("attn", "head"):
+            kind, site = c.component.kind, c.component.site
+            if kind in ("attn", "head") or site == "attn_out":
                 attn[c.component.layer] += c.score
-            elif kind in ("mlp", "neuron"):
+            elif kind in ("mlp", "neuron") or site in ("mlp", "mlp_out"):
                 mlp[c.component.layer] += c.score
         return attn, mlp
 

@@ -46,6 +46,33 @@ def _core_document(a, ctx) -> dict:
     return doc
 
 
+def _tuned_lens(model, trace, ctx):
+    """(the tuned lens's LogitLens, its held-out KL per row {"tuned": [...], "logit": [...]} as measured when trained)."""
+    from hexray.features.store import load_default_lens
+
+    lens = load_default_lens(model)
+    result = logit_lens(model, trace, position=ctx.attribution.position, target=ctx.attribution.target.id, k=ctx.options.lens_k, tuned=lens)
+    return result, lens.meta.get("held_out_kl_bits")
+
+
+def _example_lens(model) -> bool:
+    """An untrained (identity) tuned lens in the model's default place, unless one is there."""
+    from hexray.features.tuned_lens import default_tuned_lens_path, identity_tuned_lens, save_tuned_lens
+
+    if not default_tuned_lens_path(model).exists():
+        save_tuned_lens(identity_tuned_lens(model), default_tuned_lens_path(model))
+    return True
+
+
+def _tuned_view(r) -> View:
+    lens, kl = r
+    kl = kl or {"tuned": [None] * len(lens.rows), "logit": [None] * len(lens.rows)}
+    return View(f"Tuned lens at position {lens.position}", ("after", "top tokens", "target rank", "target p", "KL tuned (bits)", "KL logit (bits)"),
+                tuple((row.label, "  ".join(f"{t.token!r} {t.prob:.2f}" for t in row.top), row.target_rank, row.target_prob, kt, kl_)
+                      for row, kt, kl_ in zip(lens.rows, kl["tuned"], kl["logit"])),
+                note="KL: held-out, to the final distribution, measured when the lens was trained")
+
+
 def _predictions_view(rows, ctx) -> View:
     return View(
         "Top next tokens at every position",
@@ -99,6 +126,18 @@ ANALYSES = (
         figures=lambda r, ctx: {"logit_lens.png": lazy(_plots + "lens_heatmap")(r)},
         html=lambda r, ctx: lazy(_html + "lens_section")(r),
         lab_panel="lens-panel",
+    ),
+    Analysis(
+        name="tuned_lens",
+        title="Tuned lens",
+        switch=Option("tuned_lens", bool, False, "The logit lens through the model's tuned lens (hexray lens train), beside the logit lens; with its held-out KL per layer."),
+        hooks=lambda spec, o: lens_hooks(spec),
+        compute=lambda model, trace, ctx: _tuned_lens(model, trace, ctx),
+        example=lambda model: _example_lens(model),
+        json_key="tuned_lens",
+        document=lambda r, ctx: {**lazy(_doc + "lens_doc")(r[0]), "held_out_kl_bits": r[1]},
+        console=lambda r, ctx: lazy(_console + "lens_table")(r[0], title="Tuned lens", kl=r[1]),
+        table=lambda r, ctx: _tuned_view(r),
     ),
     Analysis(
         name="steps",

@@ -29,6 +29,18 @@ class TokenRecord(ComparableResult):
     source_attention: np.ndarray = field(repr=False)  # [position + 1] attention mass, mean over layers and heads
     watch: dict[str, float] = field(default_factory=dict)
     crossed: tuple[str, ...] = ()  # watched components at or over the threshold here
+    features: tuple[TokenFeature, ...] = ()  # with --features: the predicting position's top features, strongest first
+
+
+@dataclass(frozen=True)
+class TokenFeature:
+    """A dictionary latent active where a generated token was predicted, and its exact share of that token's logit."""
+
+    dictionary: str
+    label: str  # L10F123
+    feature: int
+    activation: float
+    attribution: float  # its direct contribution to the generated token's logit (the dictionary's site split exactly)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ import torch
 from hexray.analysis.attribution import attribution_hooks, direct_logit_attribution, logit_direction, residual_direction, write_directions
 from hexray.analysis.results import GRANULARITIES, PromptRef
 from hexray.errors import HexRayError
-from hexray.generation.results import GenerationResult, StopReason, TokenRecord
+from hexray.analysis.features import dictionary_hooks, feature_attribution, site_latents
+from hexray.features.store import load_named
+from hexray.generation.results import GenerationResult, StopReason, TokenFeature, TokenRecord
 from hexray.generation.steps import reasoning_steps
 from hexray.models.loading import LoadedModel
 from hexray.options import Option, options_class
@@ -43,6 +45,8 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("watch", tuple[str, ...], (), "Components to watch at every token: L10N1234, L9H6, MLP10, ATTN9, RESID12 (comma-separated).", short=None),
     Option("watch_threshold", float | None, None, "Mark tokens where a watched value reaches this (absolute value)."),
     Option("graph_threshold", float, 0.1, "Keep a dependency edge when it is at least this share of the step's largest.", ge=0, le=1),
+    Option("features", str | None, None, "Dictionaries (names such as resid.12, or folders; comma-separated): stream each new token's top features."),
+    Option("features_k", int, 5, "Features shown per token with --features.", gt=0, api_le=64),
     Option("stop_at_eos", bool, True, "Stop at the end-of-text token.", flag="", api=False),
 )
 
@@ -96,8 +100,10 @@ class TracedGeneration:
                 f"the prompt ({len(self.prompt_ids)} tokens) plus {n_new} new tokens is past {model.name}'s context of {spec.n_ctx}",
                 hint="lower {field} or shorten the prompt", field="max_new_tokens",
             )
+        self.dictionaries = load_named(options.features, spec, field="features") if options.features else ()
         self.hooks = (
-            attribution_hooks(spec, options.granularity)
+            dictionary_hooks(spec, self.dictionaries)
+            | attribution_hooks(spec, options.granularity)
             | {sites.attn_pattern(layer) for layer in range(spec.n_layers)}
             | {sites.head_v(layer) for layer in range(spec.n_layers)}
             | {sites.component_hook(c) for c in self.watched}
@@ -191,6 +197,7 @@ class TracedGeneration:
         per_value = torch.einsum("lkgd,lgjd->lkgj", values, wo_d.view(spec.n_layers, spec.n_kv_heads, group, -1))  # [layers, k, kv, group]
         routed = torch.einsum("lhk,lkh->k", patterns, per_value.reshape(spec.n_layers, n_src, spec.n_heads))
         attention = patterns.sum((0, 1)) / (spec.n_layers * spec.n_heads)
+        features = self._features(one, attribution) if self.dictionaries else ()
         watch = {c.name: watch_value(c, model, acts) for c in self.watched}
         threshold = opts.watch_threshold
         crossed = tuple(name for name, v in watch.items() if threshold is not None and abs(v) >= threshold)
@@ -207,7 +214,20 @@ class TracedGeneration:
             source_attention=attention.cpu().numpy(),
             watch=watch,
             crossed=crossed,
+            features=features,
         )
+
+    def _features(self, one: Trace, attribution) -> tuple[TokenFeature, ...]:
+        """Each dictionary's top latents at the predicting position, with their exact share of the token's logit."""
+        split = feature_attribution(self.model, one, attribution, self.dictionaries)
+        share = {(c.component.layer, c.component.site, c.component.feature): c.score for c in split.components if c.component.kind == "feature"}
+        out = []
+        for d in self.dictionaries:
+            a = site_latents(self.model, one, d)[0][0]  # [d_sae]
+            values, index = a.topk(min(self.options.features_k, d.d_sae))
+            out.extend(TokenFeature(d.name or d.site.label, d.feature_label(f), f, v, share.get((d.site.layer, d.site.kind, f), 0.0))
+                       for v, f in zip(values.tolist(), index.tolist()) if v > 0)
+        return tuple(out)
 
     def result(self) -> GenerationResult:
         """Everything traced so far, with reasoning steps and their graph."""

@@ -36,6 +36,7 @@ ABLATE_OPTIONS: tuple[Option, ...] = (
     Option("token_index", int, -1, "Position whose next-token distribution to compare; negative counts from the end."),
     Option("top_k", int, 10, "Tokens in each distribution (and rows in the console table).", short="-k", gt=0, api_le=1000),
     Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+    Option("dict", str | None, None, "Dictionaries whose features (L8F117, L8F117=5 to clamp) the components name (names such as resid.12, or folders)."),
 )
 AblateOptions = options_class("AblateOptions", ABLATE_OPTIONS, doc="The options of ``hexray ablate`` and ``/api/ablate`` (besides the prompt, components and reference set).")
 
@@ -62,7 +63,7 @@ def read_reference_prompts(path: str | Path) -> list[str]:
 
 
 def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
-    """``"L9H6,MLP10,L10N1234@3,RESID12@-1"`` -> sites; ``@P`` limits a site to one position."""
+    """``"L9H6,MLP10,L10N1234@3,RESID12@-1,L8F117=5"`` -> sites; ``@P`` limits a site to one position, ``=V`` clamps a feature."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise HexRayError("no components given", hint=f"use {COMPONENT_FORMS}; add @P for one position, e.g. L9H6@-1")
@@ -71,7 +72,16 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
         name, at, pos = part.partition("@")
         if at and not pos.strip():
             raise HexRayError(f"{part}: no position after @", hint="write e.g. L9H6@3 or L9H6@-1, or drop the @ for every position")
+        name, eq, clamp = name.partition("=")
         component = parse_component(name, spec)
+        value = None
+        if eq:
+            if component.kind != "feature":
+                raise HexRayError(f"{part}: only a feature can be clamped to a value", hint="write e.g. L8F117=5 (with --dict)")
+            try:
+                value = float(clamp)
+            except ValueError:
+                raise HexRayError(f"{part}: {clamp!r} is not a number", hint="write e.g. L8F117=5") from None
         if component.kind in ("embed", "bias"):
             raise HexRayError(f"{part}: {component.kind} cannot be ablated", hint="ablate RESID0 for the embeddings")
         if component.kind == "resid" and component.layer == spec.n_layers:
@@ -82,7 +92,7 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
                 position = int(pos)
             except ValueError:
                 raise HexRayError(f"{part}: position {pos!r} is not a number", hint="write e.g. L9H6@3 or L9H6@-1") from None
-        out.append(Site(component, position))
+        out.append(Site(component, position, value))
     return tuple(out)
 
 
@@ -135,16 +145,23 @@ def ablate(
     token_index: int = -1,
     k: int = 10,
     prepend_bos: bool | None = None,
+    dict: str | None = None,  # noqa: A002 - the option's name, as the CLI and API spell it
 ) -> AblationResult:
-    """The distribution at ``token_index`` before and after ablating ``components`` together."""
+    """The distribution at ``token_index`` before and after ablating ``components`` together.
+
+    A feature (``L8F117``, with ``dict`` naming its dictionary) is ablated by moving the site's
+    activation along its decoder row: ``+ (v - a_f) W_dec[f]`` where ``a_f`` is its activation and
+    ``v`` is 0 (zero), its mean or a resampled activation, or the clamped value (``L8F117=5``).
+    """
     check_ablation_options(mode, k=k, samples=samples)
     chosen = parse_sites(components, model.spec) if isinstance(components, str) else tuple(components)
+    owner = _feature_dictionaries(model, chosen, dict)
     if reference is not None and not [p for p in reference if p.strip()]:
         raise HexRayError("the reference set is empty", hint="give one prompt a line")
     target_id = model.single_token(target, role="target") if target is not None else None
     contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
 
-    hooks = {component_hook(s.component) for s in chosen}
+    hooks = {h for s in chosen for h in _site_hooks(model, s, owner)}
     trace = run_trace(model, prompt, hooks, prepend_bos=prepend_bos)
     n = trace.n_tokens
     position = resolve_position(token_index, n)
@@ -167,6 +184,11 @@ def ablate(
     ref_acts = _reference_acts(model, refs, hooks, prepend_bos) if refs else []
     gen = torch.Generator().manual_seed(seed)
     for site, p in sites_at:
+        if site.component.kind == "feature":
+            edits = _feature_edits(model.spec, owner[site.component.layer], site, p, trace.acts, ref_acts, mode, n_draws, gen)
+            for d in range(n_draws):
+                variants[d].append(edits[min(d, len(edits) - 1)])
+            continue
         hook = component_hook(site.component)
         shape = trace.acts[hook].shape
         mask = site_mask(site.component.unit, p, shape)
@@ -198,6 +220,52 @@ def ablate(
         after=_distribution(model, after_logits.mean(0), after_probs, target_id, contrast_id, k),
         kl=max(kl, 0.0),
     )
+
+
+def _feature_dictionaries(model: LoadedModel, chosen: Sequence[Site], names: str | None) -> dict[int, object]:
+    """Layer -> the dictionary that owns the features named at that layer."""
+    wanted = sorted({s.component.layer for s in chosen if s.component.kind == "feature"})
+    if not wanted:
+        return {}
+    if not names:
+        raise HexRayError(f"{', '.join(f'L{layer}F..' for layer in wanted)}: a feature needs its dictionary", hint="give --dict NAME (e.g. resid.12)", field="dict")
+    from hexray.features.store import load_named
+
+    loaded = load_named(names, model.spec)
+    owner = {}
+    for layer in wanted:
+        here = [d for d in loaded if d.site.layer == layer]
+        if len(here) != 1:
+            found = ", ".join(d.site.label for d in loaded)
+            raise HexRayError(f"L{layer}F..: {'no' if not here else 'more than one'} dictionary at layer {layer} among {found}", hint="give one dictionary per layer whose features you name", field="dict")
+        owner[layer] = here[0]
+    for s in chosen:
+        if s.component.kind == "feature" and s.component.feature >= owner[s.component.layer].d_sae:
+            d = owner[s.component.layer]
+            raise HexRayError(f"{s.label}: feature {s.component.feature} is out of range", hint=f"{d.name or d.site.label} has features 0..{d.d_sae - 1}")
+    return owner
+
+
+def _site_hooks(model: LoadedModel, s: Site, owner) -> set[str]:
+    if s.component.kind != "feature":
+        return {component_hook(s.component)}
+    d = owner[s.component.layer]
+    return {d.site.hook_in(model.spec), d.site.hook_out(model.spec)}
+
+
+def _feature_edits(spec: ModelSpec, d, site: Site, position: int | None, acts, ref_acts, mode: str, n_draws: int, gen: torch.Generator) -> list[Edit]:
+    """Additive edits moving feature ``f`` from its activation to the ablated one, one per draw, at the dictionary's output hook."""
+    f = site.component.feature
+    hook_in, hook_out = d.site.hook_in(spec), d.site.hook_out(spec)
+    latent = d.encode(acts[hook_in])[:, f]  # [pos]
+    mask = site_mask(None, position, acts[hook_out].shape)  # [pos, 1]
+    if site.value is not None or mode == "zero":
+        targets = [torch.full_like(latent, site.value or 0.0)]
+    elif mode == "mean":
+        targets = [torch.cat([d.encode(a[hook_in])[:, f] for a in ref_acts]).mean().expand_as(latent)]
+    else:
+        targets = [d.encode(_resample(ref_acts, hook_in, acts[hook_in].shape, gen))[:, f] for _ in range(n_draws)]
+    return [Edit(hook_out, mask, (t - latent)[:, None] * d.W_dec[f], op="add") for t in targets]
 
 
 def _resample(ref_acts: list[dict[str, torch.Tensor]], hook: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

@@ -25,6 +25,7 @@ class Site:
 
     component: Component
     position: int | None = None
+    value: float | None = None  # features: clamp the latent to this activation instead of the mode's value
 
     @property
     def name(self) -> str:
@@ -32,7 +33,8 @@ class Site:
 
     @property
     def label(self) -> str:
-        return self.name if self.position is None else f"{self.name}@{self.position}"
+        name = self.name if self.value is None else f"{self.name}={self.value:g}"
+        return name if self.position is None else f"{name}@{self.position}"
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def view_table(v) -> Table:
     for i, column in enumerate(v.columns):
         table.add_column(escape(column), justify="left" if i == 0 else "right")
     for row in v.rows:
-        table.add_row(*(f"{x:.3f}" if isinstance(x, float) else escape(str(x)) for x in row))
+        table.add_row(*(f"{x:.3f}" if isinstance(x, float) else "-" if x is None else escape(str(x)) for x in row))
     return table
 
 
@@ -121,15 +121,21 @@ def _bar(score: float, top) -> str:
     return "█" * max(1, round(BAR_WIDTH * abs(score) / biggest))
 
 
-def lens_table(lens: LogitLens) -> Table:
-    table = Table(title=f"Logit lens at position {lens.position} (target {tok(lens.target.token)})", title_justify="left")
+def lens_table(lens: LogitLens, *, title: str = "Logit lens", kl: dict | None = None) -> Table:
+    """``kl``: held-out KL per row in bits ({"tuned": [...], "logit": [...]}), shown beside a tuned lens."""
+    table = Table(title=f"{title} at position {lens.position} (target {tok(lens.target.token)})", title_justify="left",
+                  caption="KL: held-out, to the final distribution (bits), tuned vs logit lens" if kl else None)
     table.add_column("after")
     table.add_column("top tokens")
     table.add_column("target rank", justify="right")
     table.add_column("target p", justify="right")
-    for row in lens.rows:
+    if kl:
+        table.add_column("KL tuned", justify="right")
+        table.add_column("KL logit", justify="right")
+    for i, row in enumerate(lens.rows):
         tops = "  ".join(f"{tok(t.token)} {t.prob:.2f}" for t in row.top)
-        table.add_row(row.label, tops, str(row.target_rank), f"{row.target_prob:.3f}")
+        extra = (f"{kl['tuned'][i]:.2f}", f"{kl['logit'][i]:.2f}") if kl else ()
+        table.add_row(row.label, tops, str(row.target_rank), f"{row.target_prob:.3f}", *extra)
     return table
 
 
@@ -290,6 +296,11 @@ def token_line(r: TokenRecord, k: int) -> Text:
         line.append(f" {name}={value:.3g}", style="bold yellow" if name in r.crossed else "cyan")
     if r.crossed:
         line.append("  ◀ " + ", ".join(r.crossed) + " fired", style="bold yellow")
+    if r.features:
+        line.append("  | ", style="dim")
+        for f in r.features:
+            line.append(f"{f.label} {f.activation:.1f}", style="magenta")
+            line.append(f" ({f.attribution:+.2f})  ", style=sign_style(f.attribution))
     return line
 
 

@@ -20,8 +20,7 @@ def token_doc(t: TokenScore | None) -> dict | None:
 
 
 def component_doc(c: ComponentScore) -> dict:
-    comp = c.component
-    return {"name": comp.name, "kind": comp.kind, "layer": comp.layer, "head": comp.head, "neuron": comp.neuron, "score": _num(c.score)}
+    return {**component_doc_of(c.component), "score": _num(c.score)}
 
 
 def attribution_doc(a: Attribution, *, top_k: int | None = None) -> dict:
@@ -269,6 +268,7 @@ def token_record_doc(r: TokenRecord) -> dict:
     return {
         "index": r.index, "token": r.token, "id": r.id, "prob": _num(r.prob), "logit": _num(r.logit), "position": r.position,
         "top": [component_doc(c) for c in r.top], "watch": {k: _num(v) for k, v in r.watch.items()}, "crossed": list(r.crossed),
+        "features": [{"dictionary": f.dictionary, "label": f.label, "feature": f.feature, "activation": _num(f.activation), "attribution": _num(f.attribution)} for f in r.features],
     }
 
 
@@ -318,7 +318,22 @@ def dataset_attribution_document(d, spec: ModelSpec) -> dict:
 
 
 def component_doc_of(comp) -> dict:
-    return {"name": comp.name, "kind": comp.kind, "layer": comp.layer, "head": comp.head, "neuron": comp.neuron}
+    doc = {"name": comp.name, "kind": comp.kind, "layer": comp.layer, "head": comp.head, "neuron": comp.neuron}
+    if comp.kind in ("feature", "error", "skip"):  # a dictionary's parts: which latent, at which site
+        doc |= {"feature": comp.feature, "site": comp.site}
+    return doc
+
+
+def features_doc(f) -> dict:
+    """One dictionary's features per token (:class:`hexray.analysis.features.TokenFeatures`)."""
+    return {
+        "dictionary": f.dictionary, "site": f.site,
+        "tokens": [
+            {"position": p, "token": f.tokens[p], "l0": int(f.l0[p]), "relative_error": _num(float(f.relative_error[p])),
+             "features": [{"feature": a.feature, "label": a.label, "activation": _num(a.activation)} for a in row]}
+            for p, row in enumerate(f.top)
+        ],
+    }
 
 
 def dataset_patch_document(d, spec: ModelSpec) -> dict:

@@ -400,6 +400,18 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
         groups = {"analyze": trace_options(), "patch": PATCH_OPTIONS, "ablate": ABLATE_OPTIONS, "heads": HEADS_OPTIONS, "generate": GENERATION_OPTIONS}
         return {name: [_option_doc(o) for o in group if o.api] for name, group in groups.items()}
 
+    @app.get("/api/dictionaries")
+    async def dictionaries() -> dict:
+        """The dictionaries in the cache that fit the served model (what ``dict`` / ``features`` fields take), and whether a tuned lens is there."""
+        from hexray.features.dictionary import model_key as same_model
+        from hexray.features.store import saved_dictionaries
+        from hexray.features.tuned_lens import default_tuned_lens_path
+
+        rows = [r for r in saved_dictionaries() if r.get("model") and same_model(r["model"]) == same_model(model.name)]
+        for r in rows:  # the short name a model default answers to (resid.12), else the cache name
+            r["use"] = r["site"] if r["name"].endswith("/" + r["site"]) else r["name"]
+        return {"dictionaries": rows, "tuned_lens": default_tuned_lens_path(model).exists()}
+
     @app.get("/api/presets")
     async def presets() -> dict:
         """The worked examples (``--preset`` in the CLI), each with the circuit the literature expects."""
@@ -450,7 +462,7 @@ def _jobs(model: LoadedModel) -> dict[str, tuple[type[BaseModel], Callable[[Base
     }
 
 
-_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET"), ("/api/cli", "POST")] + [
+_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET"), ("/api/dictionaries", "GET"), ("/api/cli", "POST")] + [
     (path, method) for name in ("analyze", "attention", "flow", "circuit", "patch", "ablate", "analyze/set", "patch/set", "ablate/set", "heads", "generate")
     for path, method in ((f"/api/{name}", "POST"), (f"/ws/{name}", "WEBSOCKET"))
 ]

@@ -301,6 +301,31 @@ def run_reduced(
     return out
 
 
+def run_rewritten(
+    model: LoadedModel,
+    batch: torch.Tensor,
+    rewrites: Mapping[str, Callable[[torch.Tensor], torch.Tensor | None]],
+) -> torch.Tensor:
+    """Logits [batch, pos, d_vocab] (float32) of one pass over token ids [batch, pos] with ``rewrites`` at their hooks.
+
+    A rewrite returns the activation's replacement, or None to leave it (an observer: a transcoder
+    splice reads the MLP's input at one hook and replaces its output at another). Hooks run in the
+    order of ``rewrites``.
+    """
+
+    def hook_of(fn):
+        def hook(x, hook=None):
+            return fn(x)
+
+        return hook
+
+    with torch.inference_mode():
+        logits = model.bridge.run_with_hooks(
+            batch.to(model.device), fwd_hooks=[(parse_hook(h), hook_of(fn)) for h, fn in rewrites.items()] + stop_hooks(model), use_cache=False,
+        )
+    return logits.float()
+
+
 def _trim(hook: Hook, act: torch.Tensor, n: int) -> torch.Tensor:
     """One row's activation without the padding: patterns [head, q, k] on both axes, the rest on positions."""
     return act[:, :n, :n] if hook.point == "pattern" else act[:n]

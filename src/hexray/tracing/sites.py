@@ -16,7 +16,7 @@ from typing import Literal
 from hexray.errors import HexRayError
 from hexray.models.loading import ModelSpec
 
-ComponentKind = Literal["embed", "bias", "head", "attn", "mlp", "neuron", "resid"]
+ComponentKind = Literal["embed", "bias", "head", "attn", "mlp", "neuron", "resid", "feature", "error", "skip"]
 
 
 # -- hook points -------------------------------------------------------------------------------
@@ -32,6 +32,7 @@ _POINTS: dict[str, str] = {  # point -> TransformerLens name ({layer} for per-bl
     "v": "blocks.{layer}.attn.hook_v",  # [pos, n_kv_heads, d_head]
     "pattern": "blocks.{layer}.attn.hook_pattern",  # [n_heads, query_pos, key_pos]
     "mlp_post": "blocks.{layer}.mlp.hook_post",  # [pos, d_mlp]
+    "mlp_in": "blocks.{layer}.mlp.hook_in",  # [pos, d_model]: what the MLP reads (after its norm); transcoders' input
     "attn_post_scale": "blocks.{layer}.ln1_post.hook_scale",  # [pos, 1] (Gemma 2/3 post-norms)
     "mlp_post_scale": "blocks.{layer}.ln2_post.hook_scale",
 }
@@ -120,6 +121,10 @@ def mlp_post(layer: int) -> Hook:  # [pos, d_mlp]
     return Hook("mlp_post", layer)
 
 
+def mlp_in(layer: int) -> Hook:  # [pos, d_model], the MLP's normalised input
+    return Hook("mlp_in", layer)
+
+
 def post_norm_scale(layer: int, part: Literal["attn", "mlp"]) -> Hook:  # [pos, 1]
     """The scale of the norm applied to attention's / the MLP's output before it joins the residual (Gemma 2/3)."""
     return Hook(f"{part}_post_scale", layer)
@@ -152,6 +157,10 @@ KINDS: dict[str, Kind] = {
     "attn": Kind("attn_out", None, None, "ATTN{layer}", r"(?:ATTN|A)(?P<layer>\d+)", label="Attn L{layer}"),
     "mlp": Kind("mlp_out", None, None, "MLP{layer}", r"(?:MLP|M)(?P<layer>\d+)", label="MLP  L{layer}"),
     "resid": Kind("resid_pre", None, None, "RESID{layer}", r"RESID(?P<layer>\d+)", layer_limit=1),
+    # a dictionary's parts at a site (hexray.features): its latents, its reconstruction error, its skip term
+    "feature": Kind(None, "feature", None, "L{layer}F{feature}", r"L(?P<layer>\d+)F(?P<feature>\d+)", layer_limit=1),
+    "error": Kind(None, None, None, "ERR{layer}", r"ERR(?P<layer>\d+)", label="error L{layer}", layer_limit=1),
+    "skip": Kind(None, None, None, "SKIP{layer}", r"SKIP(?P<layer>\d+)", label="skip  L{layer}"),
 }
 _UNIT_NOUN = {"head": "heads", "neuron": "neurons", "feature": "features"}
 _PARSERS = [(re.compile(f"^{row.pattern}$", re.I), kind) for kind, row in KINDS.items()]
@@ -166,6 +175,7 @@ class Component:
     head: int | None = None
     neuron: int | None = None
     feature: int | None = None
+    site: str | None = None  # features, errors, skips: the dictionary's site kind (resid, mlp, mlp_out, attn_out)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -219,7 +229,7 @@ def parse_component(text: str, spec: ModelSpec) -> Component:
             layer, limit = groups["layer"], spec.n_layers + row.layer_limit
             if layer >= limit:
                 raise HexRayError(f"{raw}: layer {layer} is out of range", hint=f"{spec.name} has layers 0..{limit - 1}")
-        if row.unit is not None:
+        if row.unit is not None and row.unit_count is not None:  # a feature's bound is its dictionary's, checked there
             unit, count = groups[row.unit], getattr(spec, row.unit_count)
             if unit >= count:
                 raise HexRayError(f"{raw}: {row.unit} {unit} is out of range", hint=f"{spec.name} has {_UNIT_NOUN[row.unit]} 0..{count - 1} per {'layer' if row.unit == 'head' else 'MLP'}")

@@ -209,9 +209,10 @@ async function init() {
     lab.info = info;
     $("model-badge").textContent = `${health.model} · ${info.n_layers}L × ${info.n_heads}H · d=${info.d_model}`;
     if (info.weights) $("model-badge").title = `weights: ${info.weights}`;
-    const [options, registry, presets] = await Promise.all([getJSON("/api/options"), getJSON("/api/analyses"), getJSON("/api/presets")]);
+    const [options, registry, presets, dictionaries] = await Promise.all(
+      [getJSON("/api/options"), getJSON("/api/analyses"), getJSON("/api/presets"), getJSON("/api/dictionaries")]);
     lab.presets = presets.presets;
-    for (const p of PANELS) p.configure?.({ options, registry: registry.analyses, presets: presets.presets });
+    for (const p of PANELS) p.configure?.({ options, registry: registry.analyses, presets: presets.presets, dictionaries: dictionaries.dictionaries });
   } catch {
     $("model-badge").textContent = "server unreachable";
   }

@@ -6,7 +6,7 @@ import { ran, set, state } from "../store.js";
 export default {
   id: "gen",
   title: "Generation",
-  subtitle: "live: each token with the components that wrote it",
+  subtitle: "live: each token with the components (and, with a dictionary, the features) that wrote it",
   wide: true,
   body: `<div class="row">
     <label for="max-new">tokens</label><input id="max-new" type="number" min="1" max="256" value="32" class="num">
@@ -40,6 +40,7 @@ export default {
   async run() {
     const body = { prompt: state.prompt, max_new_tokens: Number($("max-new").value), chat: state.chat };
     if (state.watch.trim()) body.watch = state.watch;
+    if (state.dict) body.features = state.dict;  // the prompt panel's dictionary: each token's features, streamed
     ran("gen");
     this.tokens = [];
     const box = $("gen-text");
@@ -76,7 +77,7 @@ export default {
     const el = $("gen-text").querySelector(`.gtok[data-index="${index}"]`);
     if (el) el.classList.add("sel");
     const watch = Object.entries(m.watch).map(([k, v]) => `${k} ${fmt(v)}`).join("  ");
-    $("gen-detail").textContent = `#${m.index} ${showTok(m.token)}  p=${m.prob.toFixed(3)}  top: ${m.top.map((c) => `${c.name} ${fmt(c.score, 2)}`).join("  ")}${watch ? `\nwatched: ${watch}` : ""}${m.crossed.length ? `  crossed: ${m.crossed.join(", ")}` : ""}`;
+    $("gen-detail").textContent = `#${m.index} ${showTok(m.token)}  p=${m.prob.toFixed(3)}  top: ${m.top.map((c) => `${c.name} ${fmt(c.score, 2)}`).join("  ")}${watch ? `\nwatched: ${watch}` : ""}${m.crossed.length ? `  crossed: ${m.crossed.join(", ")}` : ""}${(m.features || []).length ? `\nfeatures: ${m.features.map((f) => `${f.label} ${fmt(f.activation, 2)} (${fmt(f.attribution, 2)})`).join("  ")}` : ""}`;
   },
 
   figure() { return this.tokens.length && textFigure([...wrap($("gen-text").textContent, 160), ...$("gen-detail").textContent.split("\n")]); },

@@ -2,7 +2,7 @@
 import { $, sequential, showTok } from "../draw.js";
 import { bind, set, state, subscribe } from "../store.js";
 
-const FORM = { prompt: "prompt", granularity: "granularity", target: "target", contrast: "contrast" };  // element id -> state key
+const FORM = { prompt: "prompt", granularity: "granularity", target: "target", contrast: "contrast", dict: "dict" };  // element id -> state key
 
 export default {
   id: "prompt",
@@ -14,6 +14,8 @@ export default {
     <select id="granularity"><option>head</option><option>layer</option><option>neuron</option></select>
     <label for="target">target</label><input id="target" size="10" placeholder="prediction" spellcheck="false">
     <label for="contrast">contrast</label><input id="contrast" size="10" placeholder="none" spellcheck="false">
+    <label for="dict" title="a sparse dictionary: each token's features (hover a token), and its site split into features in the attribution">features</label>
+    <select id="dict"><option value="">—</option></select>
     <button id="run" type="button" class="primary">Analyse ▸</button>
     <button id="run-stop" type="button" data-stop="analysis" disabled title="stop the analysis">■ stop</button>
     <span class="queue dim" id="analysis-queue"></span>
@@ -25,11 +27,11 @@ export default {
 
   init({ analyse, channel }) {
     for (const [id, key] of Object.entries(FORM)) {
-      bind($(id), key);
+      if (id !== "dict") bind($(id), key);  // the dictionaries arrive with configure(); binding now would drop a shared URL's choice
       $(id).addEventListener("input", () => {
         set({ [key]: $(id).value });
         const p = (this.presets || []).find((x) => x.name === state.preset);
-        if (p && (state.prompt !== p.prompt || state.target !== (p.target || "") || state.contrast !== (p.contrast || ""))) {
+        if (p && key !== "dict" && (state.prompt !== p.prompt || state.target !== (p.target || "") || state.contrast !== (p.contrast || ""))) {
           set({ preset: "" });  // edited away from the preset: its expected circuit no longer applies
           $("preset").value = "";
           this.explain("");
@@ -65,7 +67,17 @@ export default {
     });
   },
 
-  configure({ presets }) {
+  request() { return state.dict ? { dict: state.dict } : {}; },
+
+  configure({ presets, dictionaries = [] }) {
+    $("dict").append(...dictionaries.map((d) => {
+      const o = document.createElement("option");
+      o.value = d.use;
+      o.textContent = `${d.use} (${d.latents})`;
+      o.title = d.quality ? `FVU ${d.quality.fvu.toFixed(3)}, L0 ${d.quality.l0.toFixed(1)}, loss recovered ${d.quality.loss_recovered.toFixed(3)}` : d.kind;
+      return o;
+    }));
+    bind($("dict"), "dict");
     this.presets = presets;
     $("preset").append(...presets.map((p) => { const o = document.createElement("option"); o.value = p.name; o.textContent = p.title; return o; }));
     if (state.preset) { $("preset").value = state.preset; this.explain(state.preset); }

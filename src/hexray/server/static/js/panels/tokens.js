@@ -5,7 +5,7 @@ import { set } from "../store.js";
 export default {
   id: "tokens",
   title: "Tokens",
-  subtitle: "hover: next-token top-k · click: explain that position",
+  subtitle: "hover: next-token top-k and features · click: explain that position",
   wide: true,
   readsAnalysis: true,
   body: `<div id="tokens" class="tokens"></div><div id="explained" class="explained"></div>`,
@@ -24,7 +24,11 @@ export default {
       span.textContent = t.replace(/\n/g, "↵").replace(/\t/g, "⇥");
       span.addEventListener("mousemove", (e) => {
         const top = (analysis.predictions || [])[i] || [];
-        tip(e, [`position ${i}: ${showTok(t)}   next token:`, ...top.map((p) => `  ${p.prob.toFixed(3)}  ${showTok(p.token)}`)].join("\n"));
+        const features = (analysis.features || []).flatMap((d) => {
+          const row = d.tokens[i];
+          return row ? [`${d.dictionary} (L0 ${row.l0}, rel. error ${row.relative_error.toFixed(2)}):`, ...row.features.map((f) => `  ${f.label}  ${f.activation.toFixed(2)}`)] : [];
+        });
+        tip(e, [`position ${i}: ${showTok(t)}   next token:`, ...top.map((p) => `  ${p.prob.toFixed(3)}  ${showTok(p.token)}`), ...features].join("\n"));
       });
       span.addEventListener("mouseleave", (e) => tip(e, ""));
       span.addEventListener("click", () => { set({ pos: i }); this.analyse(); });

@@ -1,0 +1,1 @@
+"""Sparse dictionaries (SAEs, transcoders) and the tuned lens: what the model's parts represent."""
