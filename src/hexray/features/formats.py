@@ -103,6 +103,7 @@ _UNSUPPORTED_ARCHITECTURES = {
     "matryoshka_batchtopk": "a Matryoshka BatchTopK training checkpoint (SAELens saves it for inference as jumprelu)",
 }
 _READS = ", ".join(_SAELENS_ARCHITECTURES)
+_SAE_HOOKS = ", ".join(str(h(1)) for h in (sites.resid_pre, sites.resid_post, sites.mlp_out, sites.attn_out)).replace("1", "L")  # e.g. blocks.L.hook_resid_pre
 _THRESHOLD_ARCHS = ("jumprelu", "batchtopk")
 _SPARSIFY_HOOK = re.compile(
     r"^(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h|blocks)[._](?P<layer>\d+)(?:\.(?P<part>mlp|self_attn|attn|attention))?$"
@@ -234,7 +235,7 @@ def _load_saelens(folder: Path, *, name: str | None, model_name: str | None) -> 
         )
     reshape = cfg.get("reshape_activations", "none")
     if reshape not in ("none", None):
-        raise HexRayError(f"{where}: reshape_activations {reshape!r} (per-head hook_z dictionaries) is not supported", hint="HexRay reads dictionaries over resid, mlp_out, attn_out and MLP input -> output")
+        raise HexRayError(f"{where}: reshape_activations {reshape!r} (per-head dictionaries) is not supported", hint="HexRay reads dictionaries over resid, mlp_out, attn_out and MLP input -> output")
 
     d_in = _positive_int(cfg, "d_in", where)
     d_sae = _positive_int(cfg, "d_sae", where)
@@ -285,7 +286,7 @@ def _load_saelens(folder: Path, *, name: str | None, model_name: str | None) -> 
     if transcoder and hook_out is not None:
         out = sites.parse_hook(str(hook_out))
         if out.layer != site.layer or out.point not in ("mlp_out", "mlp.hook_out"):
-            raise HexRayError(f"{where}: a transcoder from {hook_name} to {hook_out} is not supported", hint=f"HexRay's transcoders read blocks.{site.layer}.mlp.hook_in and rebuild blocks.{site.layer}.hook_mlp_out")
+            raise HexRayError(f"{where}: a transcoder from {hook_name} to {hook_out} is not supported", hint=f"HexRay's transcoders read {sites.mlp_in(site.layer)} and rebuild {sites.mlp_out(site.layer)}")
 
     if extras:
         out_meta: dict[str, Any] = dict(extras.get("meta") or {})
@@ -550,7 +551,7 @@ def _site_from_hook(hook_name: str, *, transcoder: bool, where: str) -> DictSite
     a transcoder's ``blocks.10.mlp.hook_in`` or ``blocks.10.ln2.hook_normalized`` -> mlp.10."""
     hook = sites.parse_hook(hook_name)
     if hook.layer is None:
-        raise HexRayError(f"{where}: hook {hook_name} is not inside a block", hint="HexRay reads dictionaries over blocks.L.hook_resid_pre/post, hook_mlp_out, hook_attn_out and MLP input -> output")
+        raise HexRayError(f"{where}: hook {hook_name} is not inside a block", hint=f"HexRay reads dictionaries over {_SAE_HOOKS} and MLP input -> output")
     layer, point = hook.layer, hook.point
     if point == "hook_mlp_in":
         raise HexRayError(
@@ -560,7 +561,7 @@ def _site_from_hook(hook_name: str, *, transcoder: bool, where: str) -> DictSite
     if transcoder:
         if point in ("mlp_in", "ln2.hook_normalized"):
             return DictSite("mlp", layer)
-        raise HexRayError(f"{where}: a transcoder reading {hook_name} is not supported", hint=f"HexRay's transcoders read blocks.{layer}.mlp.hook_in and rebuild blocks.{layer}.hook_mlp_out")
+        raise HexRayError(f"{where}: a transcoder reading {hook_name} is not supported", hint=f"HexRay's transcoders read {sites.mlp_in(layer)} and rebuild {sites.mlp_out(layer)}")
     if point == "resid_pre":
         return DictSite("resid", layer)
     if point == "resid_post":
@@ -569,7 +570,7 @@ def _site_from_hook(hook_name: str, *, transcoder: bool, where: str) -> DictSite
         return DictSite("mlp_out", layer)
     if point in ("attn_out", "attn.hook_out"):
         return DictSite("attn_out", layer)
-    raise HexRayError(f"{where}: an SAE on hook {hook_name} is not supported", hint="HexRay's SAEs read blocks.L.hook_resid_pre/post, hook_mlp_out or hook_attn_out")
+    raise HexRayError(f"{where}: an SAE on hook {hook_name} is not supported", hint=f"HexRay's SAEs read {_SAE_HOOKS}")
 
 
 def _sparsify_site(hookpoint: str, transcode: bool, where: str) -> DictSite:
@@ -728,7 +729,7 @@ def _int_or_zero(value: Any) -> int:
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     parts = []
-    for piece in text.split("."):
+    for piece in re.split(r"\.", text):
         m = re.match(r"\d+", piece)
         if m is None:
             break

@@ -200,7 +200,7 @@ def _unembedder(model: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     ``LoadedModel.apply_final_norm`` runs in inference mode (no gradient); here the norm module runs
     with detached float32 copies of its parameters, so the gradient reaches ``h`` and never the model.
     """
-    norm = model.bridge.ln_final.original_component
+    norm = model.final_norm_module
     params = {name: p.detach().float() for name, p in norm.named_parameters()}
     w_u, b_u, cap = model.W_U, model.b_U, model.spec.logit_softcap
 

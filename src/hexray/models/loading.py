@@ -277,7 +277,12 @@ class LoadedModel:
     def apply_final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """``resid`` [..., d_model] through the model's own final norm (every norm variant as the model applies it)."""
         with torch.inference_mode():
-            return self.bridge.ln_final.original_component(resid)
+            return self.final_norm_module(resid)
+
+    @property
+    def final_norm_module(self) -> torch.nn.Module:
+        """The model's own final-norm module (what a differentiable lens runs, with its weights detached)."""
+        return self.bridge.ln_final.original_component
 
     def block_weight(self, layer: int, module: Literal["attn", "mlp"], weight: str) -> torch.Tensor | None:
         """A block's weight as the bridge exposes it (``W_Q`` [n_heads, d_model, d_head], ``W_in`` ...), or None."""
