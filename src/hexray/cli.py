@@ -399,6 +399,7 @@ def patch_command(
     if prompts is not None:
         return _patch_dataset(prompts, options, model, device, dtype, json_out, report)
     loaded = _load(model, json_out, device, dtype)
+    _ensure_defaults(loaded, options.dict, False, json_out)
     with _status("Patching...", json_out) as update:
         result = activation_patching(loaded, clean, corrupt, **_patch_kwargs(options), progress=lambda done, total: update(f"Patching: {done}/{total} sites"))
     from hexray.render.console import render_patching
@@ -414,7 +415,7 @@ def _patch_kwargs(options) -> dict:
 @app.command("ablate")
 @with_options(_ablate_options())
 def ablate_command(
-    components: Annotated[Optional[str], typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; add @P for one position (L9H6@-1).")] = None,
+    components: Annotated[Optional[str], typer.Option("--components", "-c", help="Comma-separated: L9H6, ATTN9, MLP10, L10N1234, RESID12; with --dict, features L8F117 (=5 clamps, +=5 steers); add @P for one position (L9H6@-1).")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The text to run through the model.")] = None,
     prompts: PromptsOpt = None,
     preset: PresetOpt = None,
@@ -909,10 +910,11 @@ def features_command(
     """Each token's top features in a dictionary, and the prediction's attribution with the dictionary's site split into features."""
     if prompt is None:
         raise HexRayError("missing option --prompt")
+    if k < 1:  # checked here: trace would name its own flag, --features-k
+        raise HexRayError(f"--k must be positive, got {k}")
     trace_args = ["--prompt", prompt, "--features-k", str(k), "--token-index", str(token_index), "-k", str(top_k), "--granularity", "head"]
     trace_args += ["--dict", dictionary or "resid.12"] + (["--target", target] if target else []) + (["--contrast", contrast] if contrast else [])
     trace_args += (["--model", model] if model else []) + ["--device", device, "--dtype", dtype] + (["--json"] if json_out else []) + (["--report", report] if report else [])
-    _flags["features_k"] = "--k"
     code = app(["trace", *trace_args], prog_name="hexray", standalone_mode=False)
     if isinstance(code, int) and code:
         raise typer.Exit(code)

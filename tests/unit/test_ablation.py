@@ -358,3 +358,57 @@ def test_read_reference_prompts(tmp_path):
         read_reference_prompts(binary)
     with pytest.raises(HexRayError, match="cannot be read"):
         read_reference_prompts(tmp_path)  # a folder
+
+
+# ---------------------------------------------------------------------------------------------
+# steering a feature: + alpha W_dec[f]
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steer_dictionary(case, tmp_path_factory):
+    """A random topk dictionary at resid.1 (the residual stream before block 1), saved as a folder."""
+    from hexray.features.dictionary import DictSite, Dictionary
+    from hexray.features.formats import save_dictionary
+
+    d_model = case.model.spec.d_model
+    g = torch.Generator().manual_seed(5)
+    W_dec = torch.randn(16, d_model, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    d = Dictionary(DictSite("resid", 1), "topk", W_dec.T.clone(), torch.zeros(16), W_dec, torch.zeros(d_model), case.model.name, k=4)
+    folder = tmp_path_factory.mktemp("steer") / "resid.1"
+    save_dictionary(d, folder, spec=case.model.spec)
+    return SimpleNamespace(folder=str(folder), W_dec=W_dec)
+
+
+def test_steering_a_feature_adds_its_decoder_row(case, steer_dictionary):
+    """L1F3+=4 adds 4 W_dec[3] to the residual stream before block 1 (every position, or @P), whatever the feature's activation."""
+    model, W_dec = case.model, steer_dictionary.W_dec
+
+    def add(rows):
+        def fn(x, hook=None):
+            x = x.clone()
+            x[0][rows] += 4.0 * W_dec[3].to(x.dtype)
+            return x
+        return fn
+
+    for text, rows in (("L1F3+=4", slice(None)), ("L1F3+=4@2", 2)):
+        after = plain_logits(model, case.ids, [("blocks.1.hook_resid_pre", add(rows))])[-1]
+        result = ablate(model, PROMPT, text, dict=steer_dictionary.folder)
+        assert [s.label for s in result.sites] == [text]
+        assert result.sites[0].steer == 4.0 and result.sites[0].value is None
+        assert_distribution(result.after, after, case.top)
+        assert result.kl == pytest.approx(kl(torch.softmax(case.before[-1], -1), torch.softmax(after, -1)), rel=1e-3, abs=1e-7)
+        assert result.kl > 1e-6
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("L1H0+=2", "only a feature can be steered"),
+    ("MLP0=2", "only a feature can be clamped"),
+    ("L1F3+=x", "'x' is not a number"),
+    ("L1F3+=nan", "not a finite number"),
+    ("L1F3=inf", "not a finite number"),
+])
+def test_bad_steering_and_clamping(tiny_model, text, match):
+    with pytest.raises(HexRayError, match=match):
+        parse_sites(text, tiny_model.spec)

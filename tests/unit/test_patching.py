@@ -570,3 +570,80 @@ def test_default_target_and_contrast_are_the_predictions(case):
     result = activation_patching(model, CLEAN, CORRUPT, sweeps="resid")
     assert (result.target.id, result.contrast.id) == (clean_top, corrupt_top)
     assert result.clean_value == pytest.approx(plain_logit_diff(model, case.clean_ids, [], clean_top, corrupt_top), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. features as patched sites (a dictionary at resid.1)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def feature_dictionary(case, tmp_path_factory):
+    """A random topk dictionary at the residual stream before block 1, saved as a folder."""
+    from hexray.features.dictionary import DictSite, Dictionary
+    from hexray.features.formats import save_dictionary
+
+    d_model = case.model.spec.d_model
+    g = torch.Generator().manual_seed(3)
+    W_enc = torch.randn(d_model, 24, generator=g) / d_model**0.5
+    W_dec = torch.randn(24, d_model, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    d = Dictionary(DictSite("resid", 1), "topk", W_enc, 0.1 * torch.randn(24, generator=g), W_dec, 0.1 * torch.randn(d_model, generator=g), case.model.name, k=6,
+                   apply_b_dec_to_input=True)
+    folder = tmp_path_factory.mktemp("patch-dict") / "resid.1"
+    save_dictionary(d, folder, spec=case.model.spec)
+    return SimpleNamespace(folder=str(folder), W_enc=W_enc, b_enc=d.b_enc, W_dec=W_dec, b_dec=d.b_dec, k=6)
+
+
+def hand_latents(fd, x: torch.Tensor) -> torch.Tensor:
+    """TopK of ReLU((x - b_dec) W_enc + b_enc), written out here: [pos, d_sae]."""
+    pre = torch.relu((x - fd.b_dec) @ fd.W_enc + fd.b_enc)
+    top = pre.topk(fd.k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+
+def test_feature_patching_exact_and_attribution(case, feature_dictionary):
+    """Patching feature f adds (clean_f - corrupt_f) W_dec[f] at every position; the estimate is its first-order term."""
+    model, fd = case.model, feature_dictionary
+    hook = "blocks.1.hook_resid_pre"
+    result = activation_patching(model, CLEAN, CORRUPT, target=TARGET, contrast=CONTRAST, method="both", dict=fd.folder)
+    assert result.sweeps == ("heads", "resid", "features")
+    rows = [r for r in result.results if r.sweep == "features"]
+    assert [r.site.component.feature for r in rows] == list(range(24))
+    assert rows[0].site.label == "L1F0"
+    delta = hand_latents(fd, case.clean_acts[hook]) - hand_latents(fd, case.corrupt_acts[hook])  # [pos, 24]
+    assert delta.abs().sum() > 0
+    moved = [f for f in range(24) if delta[:, f].abs().sum() > 0]
+    for f in moved[:6]:
+        add = delta[:, f : f + 1] * fd.W_dec[f]
+
+        def steer(x, hook=None, add=add):
+            return x + add.to(x.dtype)
+
+        want = (plain_logit_diff(model, case.corrupt_ids, [(hook, steer)], case.t, case.c) - case.corrupt_value) / case.span
+        assert rows[f].score == pytest.approx(want, abs=TOL)
+    # the attribution estimate: d metric / d resid (autograd here) . sum_pos delta_f W_dec[f]
+    resid = case.corrupt_acts[hook].clone().requires_grad_(True)
+
+    def replace(x, hook=None):
+        return resid[None].to(x.dtype)
+
+    with torch.enable_grad():
+        logits = model.bridge.run_with_hooks(torch.tensor([case.corrupt_ids]), fwd_hooks=[(hook, replace)])
+        (grad,) = torch.autograd.grad(logits[0, -1, case.t] - logits[0, -1, case.c], resid)
+    want = (delta * (grad @ fd.W_dec.T)).sum(0) / case.span
+    got = torch.tensor([r.attribution for r in rows])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-3)
+    untouched = [f for f in range(24) if f not in moved]
+    assert all(rows[f].score == pytest.approx(0, abs=1e-6) for f in untouched)
+
+
+def test_feature_sweep_needs_a_dictionary(case, feature_dictionary):
+    """sweep features without --dict is a one-line error; all includes features only with a dictionary."""
+    with pytest.raises(HexRayError, match="needs dictionaries"):
+        activation_patching(case.model, CLEAN, CORRUPT, target=TARGET, contrast=CONTRAST, sweeps="features")
+    assert "features" not in parse_sweeps("all", "exact")
+    assert parse_sweeps("all", "attribution", features=True)[-1] == "features"
+    only = activation_patching(case.model, CLEAN, CORRUPT, target=TARGET, contrast=CONTRAST, sweeps="features", method="attribution",
+                               dict=feature_dictionary.folder, last_position_only=True)
+    assert {r.sweep for r in only.results} == {"features"} and len(only.results) == 24

@@ -91,6 +91,12 @@ def train_dictionaries(
             raise HexRayError(f"{out} already holds a dictionary", hint="pick another --out, or --force to replace it", field="out")
     tokens = max(o.tokens for o in options)
     train, test = corpus_split(model, corpus, tokens=tokens, held_out=held_out, context_size=context_size, chat_template=chat_template, stage=stage)
+    batch = max(o.batch_tokens for o in options)
+    if int(train.counted.sum()) < batch:
+        raise HexRayError(f"the corpus {train.source} gave {int(train.counted.sum())} training tokens, fewer than one batch ({batch})",
+                          hint="give a larger corpus, or a smaller --batch-tokens", field="corpus")
+    if should_stop is not None and should_stop():  # Ctrl-C while the corpus was read
+        raise Interrupted("stopped while reading the corpus", None)
     say = (lambda done, total: stage("harvest", done, total, "")) if stage else None
     harvests = harvest(model, [o.site for o in options], train.tokens, train.counted, max_tokens=tokens, progress=say, should_stop=should_stop)
     if should_stop is not None and should_stop():

@@ -6,6 +6,7 @@ read a dictionary's weights once, and a retrained one is picked up.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hexray.errors import HexRayError
@@ -54,6 +55,8 @@ def load_named(text: str | None, spec: ModelSpec, *, field: str = "dict") -> tup
         if d is None:
             d = formats.load_dictionary(folder, name=name)
             _LOADED[key] = d
+        elif d.name != name:  # the same folder asked for by another name: labelled as asked, weights shared
+            d = dataclasses.replace(d, name=name)
         d.check_model(spec)
         out.append(d)
     if not out:

@@ -157,7 +157,8 @@ def _init_params(opts: TrainOptions, x: torch.Tensor, y: torch.Tensor) -> dict[s
     d_in, d_out = x.shape[1], y.shape[1]
     W_dec = torch.randn(opts.latents, d_out, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.T.clone() if d_in == d_out else torch.randn(d_in, opts.latents, generator=g) / math.sqrt(d_in)
+    # an SAE's encoder starts as its decoder's transpose; a transcoder reads another space (the MLP's input)
+    W_enc = W_dec.T.clone() if not opts.site.transcoder else torch.randn(d_in, opts.latents, generator=g) / math.sqrt(d_in)
     params = {"W_enc": W_enc, "b_enc": torch.zeros(opts.latents), "W_dec": W_dec, "b_dec": y[: 65536].mean(0)}
     if opts.arch == "skip-transcoder":
         params["W_skip"] = torch.zeros(d_out, d_in)

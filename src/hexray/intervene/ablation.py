@@ -36,7 +36,7 @@ ABLATE_OPTIONS: tuple[Option, ...] = (
     Option("token_index", int, -1, "Position whose next-token distribution to compare; negative counts from the end."),
     Option("top_k", int, 10, "Tokens in each distribution (and rows in the console table).", short="-k", gt=0, api_le=1000),
     Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
-    Option("dict", str | None, None, "Dictionaries whose features (L8F117, L8F117=5 to clamp) the components name (names such as resid.12, or folders)."),
+    Option("dict", str | None, None, "Dictionaries whose features (L8F117; L8F117=5 clamps, L8F117+=5 steers) the components name (names such as resid.12, or folders)."),
 )
 AblateOptions = options_class("AblateOptions", ABLATE_OPTIONS, doc="The options of ``hexray ablate`` and ``/api/ablate`` (besides the prompt, components and reference set).")
 
@@ -63,7 +63,11 @@ def read_reference_prompts(path: str | Path) -> list[str]:
 
 
 def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
-    """``"L9H6,MLP10,L10N1234@3,RESID12@-1,L8F117=5"`` -> sites; ``@P`` limits a site to one position, ``=V`` clamps a feature."""
+    """``"L9H6,MLP10,L10N1234@3,RESID12@-1,L8F117=5,L8F9+=4"`` -> sites.
+
+    ``@P`` limits a site to one position; ``=V`` clamps a feature's activation to V; ``+=A`` steers
+    by adding ``A * W_dec[f]`` (its activation is left as it is).
+    """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise HexRayError("no components given", hint=f"use {COMPONENT_FORMS}; add @P for one position, e.g. L9H6@-1")
@@ -72,16 +76,21 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
         name, at, pos = part.partition("@")
         if at and not pos.strip():
             raise HexRayError(f"{part}: no position after @", hint="write e.g. L9H6@3 or L9H6@-1, or drop the @ for every position")
-        name, eq, clamp = name.partition("=")
+        steering = "+=" in name
+        name, eq, amount = name.partition("+=" if steering else "=")
         component = parse_component(name, spec)
-        value = None
+        value = steer = None
         if eq:
+            verb, example = ("steered", "L8F117+=5") if steering else ("clamped to a value", "L8F117=5")
             if component.kind != "feature":
-                raise HexRayError(f"{part}: only a feature can be clamped to a value", hint="write e.g. L8F117=5 (with --dict)")
+                raise HexRayError(f"{part}: only a feature can be {verb}", hint=f"write e.g. {example} (with --dict)")
             try:
-                value = float(clamp)
+                number = float(amount)
             except ValueError:
-                raise HexRayError(f"{part}: {clamp!r} is not a number", hint="write e.g. L8F117=5") from None
+                raise HexRayError(f"{part}: {amount!r} is not a number", hint=f"write e.g. {example}") from None
+            if number != number or abs(number) == float("inf"):
+                raise HexRayError(f"{part}: {amount!r} is not a finite number", hint=f"write e.g. {example}")
+            value, steer = (None, number) if steering else (number, None)
         if component.kind in ("embed", "bias"):
             raise HexRayError(f"{part}: {component.kind} cannot be ablated", hint="ablate RESID0 for the embeddings")
         if component.kind == "resid" and component.layer == spec.n_layers:
@@ -92,7 +101,7 @@ def parse_sites(text: str, spec: ModelSpec) -> tuple[Site, ...]:
                 position = int(pos)
             except ValueError:
                 raise HexRayError(f"{part}: position {pos!r} is not a number", hint="write e.g. L9H6@3 or L9H6@-1") from None
-        out.append(Site(component, position, value))
+        out.append(Site(component, position, value, steer))
     return tuple(out)
 
 
@@ -151,7 +160,8 @@ def ablate(
 
     A feature (``L8F117``, with ``dict`` naming its dictionary) is ablated by moving the site's
     activation along its decoder row: ``+ (v - a_f) W_dec[f]`` where ``a_f`` is its activation and
-    ``v`` is 0 (zero), its mean or a resampled activation, or the clamped value (``L8F117=5``).
+    ``v`` is 0 (zero), its mean or a resampled activation, or the clamped value (``L8F117=5``);
+    steering (``L8F117+=5``) adds ``5 W_dec[f]`` whatever the feature's activation.
     """
     check_ablation_options(mode, k=k, samples=samples)
     chosen = parse_sites(components, model.spec) if isinstance(components, str) else tuple(components)
@@ -257,8 +267,10 @@ def _feature_edits(spec: ModelSpec, d, site: Site, position: int | None, acts, r
     """Additive edits moving feature ``f`` from its activation to the ablated one, one per draw, at the dictionary's output hook."""
     f = site.component.feature
     hook_in, hook_out = d.site.hook_in(spec), d.site.hook_out(spec)
-    latent = d.encode(acts[hook_in])[:, f]  # [pos]
     mask = site_mask(None, position, acts[hook_out].shape)  # [pos, 1]
+    if site.steer is not None:
+        return [Edit(hook_out, mask, site.steer * d.W_dec[f].expand(acts[hook_out].shape), op="add")]
+    latent = d.encode(acts[hook_in])[:, f]  # [pos]
     if site.value is not None or mode == "zero":
         targets = [torch.full_like(latent, site.value or 0.0)]
     elif mode == "mean":

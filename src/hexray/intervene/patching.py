@@ -9,6 +9,11 @@ normalised so that 1 is the clean prompt's value and 0 the corrupt prompt's::
 (every site of a sweep in a few batched forward passes, see :mod:`hexray.tracing.edits`).
 *Attribution* patching estimates the same number to first order from one forward and one backward
 pass on the corrupt prompt: ``(clean_act - corrupt_act) . d metric / d act``.
+
+With dictionaries (``dict``), the ``features`` sweep patches one feature at a time: the corrupt
+run's activation at the dictionary's output moves by ``(clean_f - corrupt_f) W_dec[f]`` at every
+position (the rest of the site, its error term included, stays corrupt). Its attribution estimate
+is ``(clean_f - corrupt_f) * W_dec[f] . d metric / d output``, summed over positions.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from hexray.intervene.results import METHODS, SWEEP_KINDS, SWEEPS, Method, Patch
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.options import Option, options_class
 from hexray.tracing.edits import Edit, run_variants, site_mask
-from hexray.tracing.engine import run_trace, run_with_gradients, tokenize_prompt
-from hexray.tracing.sites import Component, Hook
+from hexray.tracing.engine import capture, run_trace, run_with_gradients, tokenize_prompt
+from hexray.tracing.sites import Component, Hook, parse_hook
 
 PATCH_OPTIONS: tuple[Option, ...] = (
     Option("target", str | None, None, "Target token (one token, e.g. ' Mary'). Default: the clean prompt's prediction."),
@@ -37,8 +42,10 @@ PATCH_OPTIONS: tuple[Option, ...] = (
     Option("last_position_only", bool, False, "Patch only the final token; the prompts may then differ in length.", flag="--last-position", api_name="last_position"),
     Option("top_k", int, 10, "Rows in each console table.", short="-k", gt=0, api=False),
     Option("prepend_bos", bool | None, None, "Force a BOS token on or off (default: the model's own tokenizer behaviour).", flag="--prepend-bos/--no-prepend-bos"),
+    Option("dict", str | None, None, "Dictionaries (names such as resid.12, or folders; comma-separated) whose features are patched one by one (the features sweep, added by default)."),
 )
-PatchOptions = options_class("PatchOptions", PATCH_OPTIONS, check=lambda o: parse_sweeps(o.sweeps, o.method), doc="The options of ``hexray patch`` and ``/api/patch``.")
+PatchOptions = options_class("PatchOptions", PATCH_OPTIONS, check=lambda o: parse_sweeps(o.sweeps, o.method, features=bool(o.dict)),
+                             doc="The options of ``hexray patch`` and ``/api/patch``.")
 
 DEFAULT_SWEEPS: dict[str, tuple[Sweep, ...]] = {
     "exact": ("heads", "resid"),
@@ -53,15 +60,18 @@ def sweep_hook(sweep: Sweep, layer: int) -> Hook:
     return Component(SWEEP_KINDS[sweep], layer).hook
 
 
-def parse_sweeps(text: str | Iterable[str] | None, method: str) -> tuple[Sweep, ...]:
-    """``"heads,resid"`` (or ``"all"``) -> sweep names, checked against ``method``."""
+def parse_sweeps(text: str | Iterable[str] | None, method: str, *, features: bool = False) -> tuple[Sweep, ...]:
+    """``"heads,resid"`` (or ``"all"``) -> sweep names, checked against ``method``.
+
+    ``features``: dictionaries were given, so the features sweep joins the defaults and ``all``.
+    """
     if method not in METHODS:
         raise HexRayError(f"unknown {{field}} {method!r}", hint="use exact, attribution or both", field="method")
     if text is None:
-        return DEFAULT_SWEEPS[method]
+        return DEFAULT_SWEEPS[method] + (("features",) if features else ())
     parts = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     if parts == ["all"]:
-        return tuple(s for s in SWEEPS if method == "attribution" or s != "neurons")  # type: ignore[misc]
+        return tuple(s for s in SWEEPS if (method == "attribution" or s != "neurons") and (features or s != "features"))  # type: ignore[misc]
     if not parts:
         raise HexRayError("{field} is empty", hint=f"use some of {', '.join(SWEEPS)}, or all", field="sweeps")
     for p in parts:
@@ -72,6 +82,8 @@ def parse_sweeps(text: str | Iterable[str] | None, method: str) -> tuple[Sweep, 
             "the neurons sweep is attribution-only (one exact forward pass per neuron would be tens of thousands)",
             hint="use method attribution, or drop neurons from the sweeps",
         )
+    if "features" in parts and not features:
+        raise HexRayError("the features sweep needs dictionaries", hint="give --dict NAME (e.g. resid.12)", field="sweeps")
     return tuple(dict.fromkeys(parts))  # type: ignore[arg-type]
 
 
@@ -177,6 +189,7 @@ def activation_patching(
     last_position_only: bool = False,
     batch_size: int | None = None,
     prepend_bos: bool | None = None,
+    dict: str | None = None,  # noqa: A002 - the option's name, as the CLI and API spell it
     progress: Callable[[int, int], None] | None = None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupt run, site by site, for every site of ``sweeps``.
@@ -184,7 +197,7 @@ def activation_patching(
     ``target``/``contrast`` default to the clean and the corrupt prompt's predictions.
     ``last_position_only`` patches only the final token, so the prompts may differ in length.
     """
-    chosen = parse_sweeps(sweeps, method)
+    chosen = parse_sweeps(sweeps, method, features=bool(dict))
     PatchOptions(batch_size=batch_size).validate()  # the declared bounds, as the CLI and the API check them
     clean_ids = _tokens(model, clean, "clean", prepend_bos)
     corrupt_ids = _tokens(model, corrupt, "corrupt", prepend_bos)
@@ -197,7 +210,10 @@ def activation_patching(
     target_id = model.single_token(target, role="target") if target is not None else None
     contrast_id = model.single_token(contrast, role="contrast") if contrast is not None else None
 
-    hooks = {sweep_hook(s, layer) for s in chosen for layer in range(model.spec.n_layers)}
+    dictionaries = _dictionaries(model, dict) if "features" in chosen else ()
+    unit_sweeps = [s for s in chosen if s != "features"]
+    unit_hooks = {sweep_hook(s, layer) for s in unit_sweeps for layer in range(model.spec.n_layers)}
+    hooks = unit_hooks | {h for d in dictionaries for h in (d.site.hook_in(model.spec), d.site.hook_out(model.spec))}
     clean_trace = run_trace(model, clean, hooks, prepend_bos=prepend_bos)
     if target_id is None:
         target_id = int(clean_trace.logits[-1].argmax())
@@ -229,7 +245,15 @@ def activation_patching(
         )
     n = len(corrupt_ids)
     positions = [n - 1] if last_position_only else list(range(n))
-    site_sweeps = [(site, s) for s in chosen for site in sweep_sites(model.spec, s, positions if s in _PER_POSITION or last_position_only else None)]
+    site_sweeps = [(site, s) for s in unit_sweeps for site in sweep_sites(model.spec, s, positions if s in _PER_POSITION or last_position_only else None)]
+    feature_sites = [Site(Component("feature", d.site.layer, feature=f, site=d.site.kind)) for d in dictionaries for f in range(d.d_sae)]
+    keep = torch.zeros(n, 1, dtype=torch.bool)  # the positions patched: all, or the last
+    keep[-1 if last_position_only else slice(None)] = True
+    # per dictionary: (clean - corrupt) latents on the corrupt prompt's positions, [pos, d_sae]
+    latent_deltas = [
+        (_aligned(d.encode(clean_trace.acts[d.site.hook_in(model.spec)]), n) - d.encode(_acts_of(model, corrupt_ids, corrupt_acts, d))) * keep
+        for d in dictionaries
+    ]
 
     exact = attrib = None
     if method in ("exact", "both"):
@@ -237,18 +261,22 @@ def activation_patching(
         raw = exact_patching_values(
             model, corrupt_ids, clean_trace.acts, measured,
             target=target_id, contrast=contrast_id, batch_size=batch_size, progress=progress,
-        )
+        ) if measured else torch.empty(0)
+        variants = [(Edit(d.site.hook_out(model.spec), keep, delta[:, f : f + 1] * d.W_dec[f], op="add"),)
+                    for d, delta in zip(dictionaries, latent_deltas) for f in range(d.d_sae)]
+        if variants:
+            patched = run_variants(model, corrupt_ids, variants, batch_size=batch_size, progress=progress)
+            raw = torch.cat([raw, _metric(model, patched, target_id, contrast_id).cpu()])
         exact = ((raw - corrupt_value) / span).tolist()
     if method in ("attribution", "both"):
-        keep_last = torch.zeros(n, dtype=torch.bool)
-        keep_last[-1] = True
         delta_grad = {}
-        for hook in hooks:
-            delta = _aligned(clean_trace.acts[hook], n) - corrupt_acts[hook]
-            if last_position_only:
-                delta = delta * keep_last.view(-1, *([1] * (delta.dim() - 1)))
-            delta_grad[hook] = delta * grads[hook]
-        attrib = (attribution_scores(site_sweeps, delta_grad) / span).tolist()
+        for hook in unit_hooks:
+            delta_grad[hook] = (_aligned(clean_trace.acts[hook], n) - corrupt_acts[hook]) * keep.view(-1, *([1] * (corrupt_acts[hook].dim() - 1))) * grads[hook]
+        attrib = attribution_scores(site_sweeps, delta_grad)
+        for d, delta in zip(dictionaries, latent_deltas):  # d metric / d latent_f = W_dec[f] . d metric / d output
+            attrib = torch.cat([attrib, (delta * (grads[d.site.hook_out(model.spec)] @ d.W_dec.T)).sum(0).cpu()])
+        attrib = (attrib / span).tolist()
+    site_sweeps += [(site, "features") for site in feature_sites]
 
     results = []
     for i, (site, s) in enumerate(site_sweeps):
@@ -269,6 +297,20 @@ def activation_patching(
         results=tuple(results),
         correlation=correlation,
     )
+
+
+def _dictionaries(model: LoadedModel, names: str | None) -> tuple:
+    from hexray.features.store import load_named
+
+    return load_named(names, model.spec) if names else ()
+
+
+def _acts_of(model: LoadedModel, token_ids: Sequence[int], acts: dict[str, torch.Tensor] | None, d) -> torch.Tensor:
+    """The corrupt prompt's activation at ``d``'s input [pos, width]: from the attribution pass, else one capture."""
+    hook = d.site.hook_in(model.spec)
+    if acts is not None and hook in acts:
+        return acts[hook]
+    return capture(model, [list(token_ids)], {hook}, stop_after_layer=parse_hook(hook).layer)[1][0][hook]
 
 
 def _tokens(model: LoadedModel, prompt: str, field: str, prepend_bos: bool | None) -> list[int]:

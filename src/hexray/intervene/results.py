@@ -11,8 +11,8 @@ from hexray.analysis.results import ComparableResult, OnPrompt, PromptRef, Token
 from hexray.tracing.sites import Component
 
 Sweep = Literal["heads", "heads-pos", "resid", "attn", "mlp", "neurons"]
-SWEEPS: tuple[str, ...] = ("heads", "heads-pos", "resid", "attn", "mlp", "neurons")
-SWEEP_KINDS: dict[str, str] = {"heads": "head", "heads-pos": "head", "resid": "resid", "attn": "attn", "mlp": "mlp", "neurons": "neuron"}
+SWEEPS: tuple[str, ...] = ("heads", "heads-pos", "resid", "attn", "mlp", "neurons", "features")
+SWEEP_KINDS: dict[str, str] = {"heads": "head", "heads-pos": "head", "resid": "resid", "attn": "attn", "mlp": "mlp", "neurons": "neuron", "features": "feature"}
 Method = Literal["exact", "attribution", "both"]
 METHODS: tuple[str, ...] = ("exact", "attribution", "both")
 AblationMode = Literal["zero", "mean", "resample"]
@@ -26,6 +26,7 @@ class Site:
     component: Component
     position: int | None = None
     value: float | None = None  # features: clamp the latent to this activation instead of the mode's value
+    steer: float | None = None  # features: add this multiple of the decoder row instead (steering)
 
     @property
     def name(self) -> str:
@@ -34,6 +35,7 @@ class Site:
     @property
     def label(self) -> str:
         name = self.name if self.value is None else f"{self.name}={self.value:g}"
+        name = name if self.steer is None else f"{name}+={self.steer:g}"
         return name if self.position is None else f"{name}@{self.position}"
 
 
@@ -87,7 +89,7 @@ class PatchingResult(ComparableResult):
         """A sweep's scores as a heatmap: (values [rows, cols], row labels, column labels).
 
         heads: layers x heads; heads-pos: heads x positions; resid/attn/mlp: layers x positions;
-        neurons: layers x neurons. Missing cells are NaN.
+        neurons: layers x neurons; features: dictionary layers x features. Missing cells are NaN.
         """
         rows = self.of(sweep)
         def row_key(r: PatchScore) -> str:
@@ -95,7 +97,7 @@ class PatchingResult(ComparableResult):
             return c.name if sweep == "heads-pos" else f"L{c.layer}"
         def col_key(r: PatchScore):
             c = r.site.component
-            return {"heads": c.head, "neurons": c.neuron}.get(sweep, r.site.position)
+            return {"heads": c.head, "neurons": c.neuron, "features": c.feature}.get(sweep, r.site.position)
         row_labels = list(dict.fromkeys(row_key(r) for r in rows))
         cols = sorted({col_key(r) for r in rows}, key=lambda v: -1 if v is None else v)
         values = np.full((len(row_labels), len(cols)), np.nan)
@@ -105,7 +107,7 @@ class PatchingResult(ComparableResult):
         tokens = self.corrupt_tokens
         if sweep == "heads":
             col_labels = [f"H{c}" for c in cols]
-        elif sweep == "neurons":
+        elif sweep in ("neurons", "features"):
             col_labels = [str(c) for c in cols]
         else:
             col_labels = ["all" if c is None else f"{c}:{tokens[c]!r}" for c in cols]

@@ -177,10 +177,13 @@ def heads_html(h: HeadClassification, figures: dict[str, bytes]) -> str:
 
 
 def generation_html(g: GenerationResult, figures: dict[str, bytes]) -> str:
+    with_features = any(r.features for r in g.records)
     rows = "".join(
         f"<tr><td>{r.index}</td><td>{_tok(r.token)}</td><td>{r.prob:.3f}</td><td style='text-align:left'>"
         + " ".join(f"{escape(c.component.name)} {c.score:+.2f}" for c in r.top)
-        + "</td><td style='text-align:left'>" + " ".join(f"{escape(k)}={v:.3g}" + (" &#9664;" if k in r.crossed else "") for k, v in r.watch.items()) + "</td></tr>"
+        + "</td><td style='text-align:left'>" + " ".join(f"{escape(k)}={v:.3g}" + (" &#9664;" if k in r.crossed else "") for k, v in r.watch.items())
+        + ("</td><td style='text-align:left'>" + " ".join(f"{escape(f.label)} {f.activation:.2f} ({f.attribution:+.2f})" for f in r.features) if with_features else "")
+        + "</td></tr>"
         for r in g.records
     )
     steps = "".join(
@@ -194,7 +197,8 @@ def generation_html(g: GenerationResult, figures: dict[str, bytes]) -> str:
         f"<p><b>Generated</b> ({len(g.generated_ids)} tokens, stopped: {escape(g.stop_reason)})</p><pre>{escape(g.text)}</pre>",
         f"<h2>Reasoning steps (split by {escape(g.rule)})</h2>{steps}",
         *_figures(figures),
-        f"<h2>Every token</h2><table><tr><th>#</th><th>token</th><th>p</th><th>top components</th><th>watched</th></tr>{rows}</table>",
+        f"<h2>Every token</h2><table><tr><th>#</th><th>token</th><th>p</th><th>top components</th><th>watched</th>"
+        + ("<th>features: activation (attribution)</th>" if with_features else "") + f"</tr>{rows}</table>",
     ]
     return _page(f"Traced generation — {g.model}", parts)
 

@@ -169,6 +169,8 @@ def patch_document(r: PatchingResult, spec: ModelSpec) -> dict:
         row = {"name": c.name, "kind": c.kind, "layer": c.layer, "head": c.head, "position": p.site.position, "sweep": p.sweep, "score": _num(p.score)}
         if c.neuron is not None:
             row["neuron"] = c.neuron
+        if c.feature is not None:
+            row |= {"feature": c.feature, "site": c.site}
         if p.attribution is not None:
             row["attribution"] = _num(p.attribution)
         return row
@@ -210,7 +212,8 @@ def ablation_document(r: AblationResult, spec: ModelSpec) -> dict:
         "position": r.position,
         "components": [
             {"name": s.component.name, "kind": s.component.kind, "layer": s.component.layer, "head": s.component.head,
-             "neuron": s.component.neuron, "position": s.position}
+             "neuron": s.component.neuron, "position": s.position, "label": s.label}
+            | ({"feature": s.component.feature, "clamp": _num(s.value), "steer": _num(s.steer)} if s.component.kind == "feature" else {})
             for s in r.sites
         ],
         "mode": r.mode,

@@ -194,12 +194,12 @@ MAX_HEAT_ROWS = 40
 def patch_heatmap(r: PatchingResult, sweep: str) -> bytes:
     """A sweep's normalised patching scores (1 = restores clean, 0 = corrupt)."""
     plt = _plt()
+    if sweep in ("neurons", "features"):
+        return _unit_chart(r, sweep)
     values, rows, cols = r.grid(sweep)
     if sweep == "heads-pos" and len(rows) > MAX_HEAT_ROWS:  # keep the heads that matter
         keep = np.sort(np.argsort(-np.nanmax(np.abs(values), axis=1))[:MAX_HEAT_ROWS])
         values, rows = values[keep], [rows[i] for i in keep]
-    if sweep == "neurons":
-        return _neuron_chart(values, rows, r)
     lim = _limit(values)
     fig, ax = plt.subplots(figsize=(1.6 + 0.5 * len(cols), 1.0 + 0.26 * len(rows)))
     im = ax.imshow(values, cmap=DIVERGING_CMAP, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
@@ -211,15 +211,15 @@ def patch_heatmap(r: PatchingResult, sweep: str) -> bytes:
     return _save(fig)
 
 
-def _neuron_chart(values: np.ndarray, rows: list[str], r: PatchingResult) -> bytes:
-    """Neurons are too many for a heatmap: the top 30 by |score| as bars."""
+def _unit_chart(r: PatchingResult, sweep: str) -> bytes:
+    """Neurons and features are too many for a heatmap: the top 30 by |score| as bars."""
     plt = _plt()
-    flat = [(abs(v), v, f"{rows[i]}N{j}") for (i, j), v in np.ndenumerate(values) if np.isfinite(v)]
-    top = sorted(flat, reverse=True)[:30][::-1]
+    top = r.top(30, sweep)[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.25 * len(top) + 1))
-    ax.barh([t[2] for t in top], [t[1] for t in top], color=[sign_colour(t[1]) for t in top])
+    ax.barh([p.site.label for p in top], [p.score for p in top], color=[sign_colour(p.score) for p in top])
     ax.tick_params(labelsize=7)
-    ax.set_title("Attribution patching: top neurons", fontsize=9)
+    how = "Attribution patching" if sweep == "neurons" or r.method == "attribution" else "Activation patching"
+    ax.set_title(f"{how}: top {sweep}", fontsize=9)
     _caption(fig, PATCHING_LEGEND)
     return _save(fig)
 

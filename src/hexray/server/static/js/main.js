@@ -212,7 +212,7 @@ async function init() {
     const [options, registry, presets, dictionaries] = await Promise.all(
       [getJSON("/api/options"), getJSON("/api/analyses"), getJSON("/api/presets"), getJSON("/api/dictionaries")]);
     lab.presets = presets.presets;
-    for (const p of PANELS) p.configure?.({ options, registry: registry.analyses, presets: presets.presets, dictionaries: dictionaries.dictionaries });
+    for (const p of PANELS) p.configure?.({ options, registry: registry.analyses, presets: presets.presets, dictionaries: dictionaries.dictionaries, tunedLens: dictionaries.tuned_lens });
   } catch {
     $("model-badge").textContent = "server unreachable";
   }

@@ -9,7 +9,7 @@ const FIELDS = {  // URL key -> state key, with its default
   abl: ["components", ""], mode: ["mode", "zero"], gen_n: ["max_new", ""], watch: ["watch", ""], chat: ["chat", false],
   pos: ["pos", null], head: ["head", null], theme: ["theme", "dark"], view: ["view", ""], ran: ["ran", []],
   preset: ["preset", ""], flow_layer: ["flow_layer", ""], ck: ["circuit_k", "5"], cd: ["circuit_depth", "2"], an: ["analyses", []],
-  dict: ["dict", ""],
+  dict: ["dict", ""], tl: ["tuned", false],
 };
 
 export const state = Object.fromEntries(Object.values(FIELDS).map(([key, value]) => [key, value]));
@@ -48,7 +48,7 @@ export function readURL() {
     if (!q.has(urlKey)) continue;
     const v = q.get(urlKey);
     if (key === "pos") state.pos = /^-?\d+$/.test(v) ? parseInt(v, 10) : null;
-    else if (key === "chat") state.chat = v === "1";
+    else if (key === "chat" || key === "tuned") state[key] = v === "1";
     else if (Array.isArray(fallback)) state[key] = v.split(",").filter(Boolean);
     else if (key === "theme") state.theme = v === "light" ? "light" : "dark";
     else state[key] = typeof fallback === "string" || fallback === null ? v : state[key];

@@ -6,7 +6,7 @@ import { set } from "../store.js";
 export default {
   id: "lens",
   title: "Logit lens",
-  subtitle: "top token per layer × position · target rank",
+  subtitle: "top token per layer × position · target rank (and through the tuned lens, when on)",
   readsAnalysis: true,
   body: `<div class="scroll"><canvas id="lens-grid" class="figure"></canvas></div>`,
 
@@ -35,7 +35,7 @@ export default {
   render() {
     if (this.lab.streaming) { if (this.live.length) this.drawLive(); return; }  // mid-pass (a theme change): keep the live rows
     const canvas = $("lens-grid"), a = this.lab.analysis;
-    const res = a && a.residual, lens = a && a.logit_lens;
+    const res = a && a.residual, lens = a && a.logit_lens, tuned = a && a.tuned_lens;
     if (!res || !lens) { emptyCanvas(canvas, "run an analysis"); return; }
     const cols = res.lens_positions, nRows = res.rows.length;
     const fit = Math.floor((canvas.parentElement.clientWidth - 150) / cols.length);  // fit the panel when cells stay readable
@@ -46,14 +46,20 @@ export default {
       color: (r, c) => sequential(res.lens_top_probs[r][c]),
       text: (r, c) => showTok(res.lens_top_tokens[r][c]),
       markCol: cols.indexOf(a.position), mark: [],
-      extraW: 90,
+      extraW: tuned ? 230 : 90,
       extra: (ctx, x, y, ch) => {
         ctx.textAlign = "left";
         ctx.fillStyle = css("--dim");
         ctx.fillText(`rank of ${clip(showTok(lens.target.token), 8)}`, x, y - 9);
+        if (tuned) ctx.fillText("tuned: rank, p, top · KL bits", x + 90, y - 9);
         lens.layers.forEach((row, r) => {
           ctx.fillStyle = row.target_rank === 0 ? css("--accent") : css("--fg");
           ctx.fillText(`${String(row.target_rank).padStart(5)}  ${row.target_prob.toFixed(2)}`, x, y + r * ch + ch / 2);
+          const t = tuned && tuned.layers[r];
+          if (!t) return;
+          const kl = tuned.held_out_kl_bits ? ` ${tuned.held_out_kl_bits.tuned[r].toFixed(1)}` : "";
+          ctx.fillStyle = t.target_rank === 0 ? css("--accent") : css("--fg");
+          ctx.fillText(`${String(t.target_rank).padStart(5)}  ${t.target_prob.toFixed(2)} ${clip(showTok(t.top[0].token), 8)}${kl}`, x + 90, y + r * ch + ch / 2);
         });
       },
     });
@@ -74,6 +80,11 @@ export default {
       const row = a.logit_lens.layers[r];
       lines.push(`target ${showTok(a.logit_lens.target.token)}: rank ${row.target_rank}, p=${row.target_prob.toFixed(3)}`);
       for (const t of row.top) lines.push(`  ${t.prob.toFixed(3)} ${showTok(t.token)}`);
+      const t = a.tuned_lens && a.tuned_lens.layers[r];
+      if (t) {
+        lines.push(`tuned lens: rank ${t.target_rank}, p=${t.target_prob.toFixed(3)}`);
+        for (const x of t.top) lines.push(`  ${x.prob.toFixed(3)} ${showTok(x.token)}`);
+      }
     }
     return lines.join("\n");
   },

@@ -7,6 +7,10 @@ const FORM = { clean: "clean", corrupt: "corrupt", sweep: "sweep", method: "meth
 function grid(doc, sweep) {
   const rows = doc.results.filter((p) => p.sweep === sweep);
   const info = doc.model_info;
+  if (sweep === "features") {  // thousands of latents: the 40 that matter most, as one row
+    const top = [...rows].sort((a, b) => Math.abs(b.score) - Math.abs(a.score)).slice(0, 40);
+    return { rows: 1, cols: top.length, rowLabels: ["features"], colLabels: top.map((p) => p.name), at: (p) => [0, top.indexOf(p)], sites: top };
+  }
   if (sweep === "heads") {
     return { rows: info.n_layers, cols: info.n_heads, rowLabels: rowNames(info.n_layers), colLabels: Array.from({ length: info.n_heads }, (_, i) => `H${i}`),
       at: (p) => [p.layer, p.head], sites: rows };
@@ -32,7 +36,7 @@ export default {
   <div class="row"><label for="corrupt">corrupt</label><input id="corrupt" class="grow" spellcheck="false"></div>
   <div class="row">
     <label for="sweep">sweep</label>
-    <select id="sweep"><option>heads</option><option>resid</option><option>attn</option><option>mlp</option><option>heads,resid</option><option>heads-pos</option><option>all</option></select>
+    <select id="sweep"><option>heads</option><option>resid</option><option>attn</option><option>mlp</option><option>heads,resid</option><option>heads-pos</option><option title="the prompt panel's dictionary, feature by feature">features</option><option>heads,resid,features</option><option>all</option></select>
     <label for="method">method</label>
     <select id="method"><option>exact</option><option>attribution</option><option>both</option></select>
     <button id="patch-run" type="button">Patch ▸</button>
@@ -65,6 +69,7 @@ export default {
     const body = { clean: state.clean, corrupt: state.corrupt, sweep: state.sweep, method: state.method };
     if (state.target) body.target = state.target;
     if (state.contrast) body.contrast = state.contrast;
+    if (state.dict) body.dict = state.dict;  // the prompt panel's dictionary: its features can be patched
     ran("patch");
     const bar = $("patch-progress");
     bar.hidden = false;

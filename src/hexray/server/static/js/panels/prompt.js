@@ -16,6 +16,7 @@ export default {
     <label for="contrast">contrast</label><input id="contrast" size="10" placeholder="none" spellcheck="false">
     <label for="dict" title="a sparse dictionary: each token's features (hover a token), and its site split into features in the attribution">features</label>
     <select id="dict"><option value="">—</option></select>
+    <label title="the logit lens through the model's tuned lens (hexray lens train), beside the logit lens"><input id="tuned" type="checkbox" disabled> tuned lens</label>
     <button id="run" type="button" class="primary">Analyse ▸</button>
     <button id="run-stop" type="button" data-stop="analysis" disabled title="stop the analysis">■ stop</button>
     <span class="queue dim" id="analysis-queue"></span>
@@ -39,6 +40,7 @@ export default {
       });
     }
     const fresh = () => { set({ pos: null }); analyse(); };
+    $("tuned").addEventListener("change", () => set({ tuned: $("tuned").checked }));
     $("run").addEventListener("click", fresh);
     $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) fresh(); });
     $("run-stop").addEventListener("click", () => channel("analysis").stop());
@@ -67,9 +69,13 @@ export default {
     });
   },
 
-  request() { return state.dict ? { dict: state.dict } : {}; },
+  request() { return { ...(state.dict ? { dict: state.dict } : {}), ...(state.tuned && this.tunedLens ? { tuned_lens: true } : {}) }; },
 
-  configure({ presets, dictionaries = [] }) {
+  configure({ presets, dictionaries = [], tunedLens = false }) {
+    this.tunedLens = tunedLens;  // without a trained lens the server would refuse the request
+    $("tuned").disabled = !tunedLens;
+    $("tuned").checked = tunedLens && state.tuned;
+    if (!tunedLens) $("tuned").parentElement.title = "no tuned lens for this model yet: hexray lens train (or hexray dict defaults)";
     $("dict").append(...dictionaries.map((d) => {
       const o = document.createElement("option");
       o.value = d.use;
