@@ -619,3 +619,41 @@ def test_hexray_py_patch_help_at_the_repo_root():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: unknown --method 'nope' (use exact, attribution or both)"]
+
+
+@pytest.fixture(scope="module")
+def feature_folder(tiny_model, tmp_path_factory):
+    """A random topk dictionary at resid.1, saved as a folder (what --dict takes)."""
+    from hexray.features.dictionary import DictSite, Dictionary
+    from hexray.features.formats import save_dictionary
+
+    width = tiny_model.spec.d_model
+    g = torch.Generator().manual_seed(11)
+    W_dec = torch.randn(12, width, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    d = Dictionary(DictSite("resid", 1), "topk", W_dec.T.clone(), torch.zeros(12), W_dec, torch.zeros(width), tiny_model.name, k=3)
+    return str(save_dictionary(d, tmp_path_factory.mktemp("cli-dict") / "resid.1", spec=tiny_model.spec))
+
+
+def test_ablate_features_zero_clamp_and_steer_in_json_and_console(cli, tiny_model, feature_folder):
+    doc = run_json(cli, tiny_model, "ablate", "-p", CLEAN, "-c", "L1F2,L1F3=4@-1,L1F5+=2.5", "--dict", feature_folder)
+    assert [(c["name"], c["label"], c["feature"], c["site"], c["clamp"], c["steer"], c["position"]) for c in doc["components"]] == [
+        ("L1F2", "L1F2", 2, "resid", None, None, None), ("L1F3", "L1F3=4@-1", 3, "resid", 4.0, None, -1), ("L1F5", "L1F5+=2.5", 5, "resid", None, 2.5, None),
+    ]
+    assert doc["kl"] > 0
+    r = cli(tiny_model, "ablate", "-p", CLEAN, "-c", "L1F5+=2.5", "--dict", feature_folder)
+    assert r.code == 0 and "L1F5+=2.5" in r.out
+    assert_one_line_error(cli(tiny_model, "ablate", "-p", CLEAN, "-c", "L1F5+=2.5"), "needs its dictionary")
+    assert_one_line_error(cli(tiny_model, "ablate", "-p", CLEAN, "-c", "L1F99", "--dict", feature_folder), "out of range")
+
+
+def test_patch_features_sweep_in_json_and_console(cli, tiny_model, feature_folder, tmp_path):
+    doc = run_json(cli, tiny_model, *PATCH, "--sweep", "resid,features", "--method", "both", "--dict", feature_folder)
+    rows = [r for r in doc["results"] if r["sweep"] == "features"]
+    assert doc["sweeps"] == ["resid", "features"] and len(rows) == 12
+    assert [(r["name"], r["feature"], r["site"], r["position"]) for r in rows[:2]] == [("L1F0", 0, "resid", None), ("L1F1", 1, "resid", None)]
+    assert all("attribution" in r for r in rows) and "features" in doc["correlation"]
+    r = cli(tiny_model, *PATCH, "--sweep", "features", "--method", "attribution", "--dict", feature_folder, "--report", tmp_path / "rep")
+    assert r.code == 0 and "sites: features" in r.out
+    assert (tmp_path / "rep" / "patch_features.png").stat().st_size > 1000
+    assert_one_line_error(cli(tiny_model, *PATCH, "--sweep", "features"), "features sweep needs dictionaries")

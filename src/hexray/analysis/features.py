@@ -161,9 +161,19 @@ def example_dictionary(model: LoadedModel) -> str:
 # -- the registry entry (hexray trace --dict NAME, /api/analyze {"dict": ...}) -----------------------
 @dataclass(frozen=True)
 class FeatureSection:
-    """What ``--dict`` adds to a report: per dictionary, each token's top features."""
+    """What ``--dict`` adds to a report: per dictionary, each token's top features, and the features
+    (with the error and skip terms) that wrote most of the explained logit."""
 
     dictionaries: tuple[TokenFeatures, ...]
+    attributed: tuple[tuple[ComponentScore, ...], ...]  # per dictionary: its rows of the attribution, by |score|
+
+
+def _attributed(attribution: Attribution, d: Dictionary, k: int) -> tuple[ComponentScore, ...]:
+    """``d``'s rows of the (refined) attribution: its top ``k`` features by |score|, then its error and skip terms."""
+    mine = [c for c in attribution.components if c.component.kind in ("feature", "error", "skip")
+            and c.component.layer == d.site.layer and c.component.site == d.site.kind]
+    features = sorted((c for c in mine if c.component.kind == "feature"), key=lambda c: -abs(c.score))[:k]
+    return tuple(features) + tuple(c for c in mine if c.component.kind != "feature")
 
 
 def _loaded(spec: ModelSpec, options) -> tuple[Dictionary, ...]:
@@ -181,17 +191,32 @@ def _features_view(section: FeatureSection, ctx) -> View:
                 note="rel. error = |site - reconstruction| / |site|; the attribution table splits each dictionary's site into its features")
 
 
+def _attribution_view(section: FeatureSection, ctx) -> View:
+    a = ctx.attribution
+    rows = []
+    for f, parts in zip(section.dictionaries, section.attributed):
+        for c in parts:
+            rows.append((f.dictionary, c.component.name, round(c.score, 4), f"{100 * c.score / a.value:+.1f}%" if abs(a.value) > 1e-9 else "-"))
+    return View(f"Feature attribution: logit({a.target.token!r}) @{a.position}", ("dictionary", "component", "score", "share"), tuple(rows),
+                note="direct effects; with the error (ERR), skip and bias rows they sum to the site's")
+
+
 ANALYSIS = Analysis(
     name="features",
     title="Features per token",
     switch=Option("dict", str | None, None, "Sparse dictionaries (names such as resid.12, or folders; comma-separated): each token's top features, and features in the attribution table."),
     options=(Option("features_k", int, 5, "Features per token shown with --dict.", gt=0, api_le=64),),
     hooks=lambda spec, o: dictionary_hooks(spec, _loaded(spec, o)),
-    compute=lambda model, trace, ctx: FeatureSection(tuple(token_features(model, trace, d, k=ctx.options.features_k) for d in _loaded(model.spec, ctx.options))),
+    compute=lambda model, trace, ctx: FeatureSection(
+        tuple(token_features(model, trace, d, k=ctx.options.features_k) for d in _loaded(model.spec, ctx.options)),
+        tuple(_attributed(ctx.attribution, d, 2 * ctx.options.features_k) for d in _loaded(model.spec, ctx.options)),
+    ),
     refine=lambda model, trace, attribution, o: feature_attribution(model, trace, attribution, _loaded(model.spec, o)),
     example=lambda model: example_dictionary(model),
     json_key="features",
     document=lambda s, ctx: [lazy("hexray.render.jsondoc:features_doc")(f) for f in s.dictionaries],
     table=_features_view,
+    console=lambda s, ctx: lazy("hexray.render.console:view_tables")([_features_view(s, ctx), _attribution_view(s, ctx)]),
+    html=lambda s, ctx: "".join(lazy("hexray.render.html:view_section")(v) for v in (_features_view(s, ctx), _attribution_view(s, ctx))),
     lab_panel="tokens-panel",
 )

@@ -11,6 +11,7 @@ the next-token distribution before and after.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def ablate(
     check_ablation_options(mode, k=k, samples=samples)
     chosen = parse_sites(components, model.spec) if isinstance(components, str) else tuple(components)
     owner = _feature_dictionaries(model, chosen, dict)
+    chosen = tuple(replace(s, component=replace(s.component, site=owner[s.component.layer].site.kind)) if s.component.kind == "feature" else s for s in chosen)
     if reference is not None and not [p for p in reference if p.strip()]:
         raise HexRayError("the reference set is empty", hint="give one prompt a line")
     target_id = model.single_token(target, role="target") if target is not None else None

@@ -44,6 +44,11 @@ def render_report(report: Report, console: Console) -> None:
             console.print(shown)
 
 
+def view_tables(views) -> Group:
+    """Several registry Views, one table each."""
+    return Group(*(view_table(v) for v in views))
+
+
 def view_table(v) -> Table:
     """A registry View as a rich table."""
     table = Table(title=escape(v.title), caption=escape(v.note) or None, title_justify="left")
@@ -380,3 +385,54 @@ def render_dataset_ablation(d, console: Console) -> None:
     for p in d.prompts:
         table.add_row(escape(p.prompt[:50]), tok(p.target), f"{p.p_before:.3f}", f"{p.p_after:.3f}", f"{p.kl:.4f}")
     console.print(table)
+
+
+# -- the neuroscope --------------------------------------------------------------------------------
+def _shaded(e, scale: float) -> Text:
+    """An example's window, each token shaded by the unit's activation there (the example's token underlined)."""
+    out = Text()
+    for i, (token, act) in enumerate(zip(e.tokens, e.acts)):
+        shown = token.replace("\n", "⏎")
+        strength = 0.0 if act != act or scale <= 0 else max(0.0, min(1.0, act / scale))
+        style = f"on rgb({255 - int(200 * strength)},{255 - int(120 * strength)},255)" if strength > 0.05 else ""
+        if e.window_start + i == e.position:
+            style = (style + " bold underline").strip()
+        out.append(shown, style=style or None)
+    return out
+
+
+def render_unit_page(page, info, console: Console, *, examples: int = 10) -> None:
+    """A unit's card: statistics, top examples shaded by activation, quantile samples, histogram, logit effects."""
+    console.print(Text(f"{page.name}" + (f" ({page.dictionary})" if page.dictionary else ""), style="bold"))
+    console.print(Text(f"index {info.path} · {info.model} · {info.tokens:,} tokens of {info.corpus}", style="dim"))
+    console.print(f"max {page.max:.3f} · mean {page.mean:.4f} · fires on {100 * page.density:.2f}% of tokens ({page.fired:,} of {page.counted:,})")
+    if page.promoted:
+        console.print(Text("promotes   ") + Text("  ".join(f"{x.token!r} {x.value:+.2f}" for x in page.promoted[:8])))
+        console.print(Text("suppresses ") + Text("  ".join(f"{x.token!r} {x.value:+.2f}" for x in page.suppressed[:8])))
+    table = Table(title=f"Top {min(examples, len(page.top))} of {len(page.top)} examples", title_justify="left")
+    for column, justify in (("#", "right"), ("act", "right"), ("context (shaded by activation; the token underlined)", "left"), ("document", "left")):
+        table.add_column(column, justify=justify)
+    for i, e in enumerate(page.top[:examples], 1):
+        table.add_row(str(i), f"{e.activation:.3f}", _shaded(e, page.max), escape(e.document or ""))
+    console.print(table)
+    if page.samples:
+        samples = Table(title="Samples across the activation range", title_justify="left")
+        for column in ("band", "act", "context"):
+            samples.add_column(column)
+        for e in page.samples[:examples]:
+            band = f"{e.band[0]:.3g}-{e.band[1]:.3g}" if e.band else ""
+            samples.add_row(band, f"{e.activation:.3f}", _shaded(e, page.max))
+        console.print(samples)
+    if page.histogram:
+        peak = max(b.count for b in page.histogram)
+        lines = [f"{b.lower:>9.3g} - {b.upper:<9.3g} {'█' * max(1, round(30 * b.count / peak))} {b.count}" for b in page.histogram]
+        console.print(Text(f"Histogram of positive activations ({page.sampled:,} sampled positions, {page.nonpositive:,} at or below 0)\n" + "\n".join(lines)))
+
+
+def render_unit_hits(hits, console: Console, *, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("#", "right"), ("unit", "left"), ("score", "right"), ("activation", "right"), ("max", "right")):
+        table.add_column(column, justify=justify)
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), h.unit.name, f"{h.score:.3f}", f"{h.activation:.3f}", f"{h.max:.3f}")
+    console.print(table if hits else Text("no unit found", style="dim"))

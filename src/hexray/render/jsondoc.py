@@ -213,7 +213,7 @@ def ablation_document(r: AblationResult, spec: ModelSpec) -> dict:
         "components": [
             {"name": s.component.name, "kind": s.component.kind, "layer": s.component.layer, "head": s.component.head,
              "neuron": s.component.neuron, "position": s.position, "label": s.label}
-            | ({"feature": s.component.feature, "clamp": _num(s.value), "steer": _num(s.steer)} if s.component.kind == "feature" else {})
+            | ({"feature": s.component.feature, "site": s.component.site, "clamp": _opt(s.value), "steer": _opt(s.steer)} if s.component.kind == "feature" else {})
             for s in r.sites
         ],
         "mode": r.mode,
@@ -256,6 +256,10 @@ def head_attention_document(a: HeadAttention) -> dict:
 def _num(x: float) -> float | None:
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+
+
+def _opt(x: float | None) -> float | None:
+    return None if x is None else _num(x)
 
 
 def _arr(a: np.ndarray) -> list:
@@ -412,3 +416,34 @@ def token_flow_document(flow: TokenFlow) -> dict:
         "sink_excluded": flow.sink_excluded,
         "top_pairs": [token_pair_doc(p) for p in flow.top_pairs],
     }
+
+
+# -- the neuroscope --------------------------------------------------------------------------------
+def example_doc(e) -> dict:
+    """One stored example (:class:`hexray.neuroscope.pages.Example`): what the model saw and the window's activations."""
+    return {
+        "context": e.context, "position": e.position, "activation": _num(e.activation), "document": e.document,
+        "token": e.token, "context_ids": list(e.context_ids), "window_start": e.window_start,
+        "tokens": list(e.tokens), "token_ids": list(e.token_ids), "acts": [None if a != a else _num(a) for a in e.acts],
+        **({"band": [_num(e.band[0]), _num(e.band[1])]} if e.band else {}),
+    }
+
+
+def unit_page_doc(page, info) -> dict:
+    """``hexray neuron|head|feature --json``: a unit's page (:class:`hexray.neuroscope.pages.UnitPage`)."""
+    effect = lambda x: {"token": x.token, "id": x.token_id, "value": _num(x.value)}  # noqa: E731
+    return {
+        "unit": {**component_doc_of(page.unit), "dictionary": page.dictionary or None}, "name": page.name,
+        "index": {"path": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens},
+        "max": _num(page.max), "mean": _num(page.mean), "density": _num(page.density), "fired": page.fired, "counted": page.counted,
+        "top": [example_doc(e) for e in page.top], "samples": [example_doc(e) for e in page.samples],
+        "histogram": [{"lower": _num(b.lower), "upper": _num(b.upper), "count": b.count} for b in page.histogram],
+        "nonpositive": page.nonpositive, "sampled": page.sampled,
+        "promoted": [effect(x) for x in page.promoted], "suppressed": [effect(x) for x in page.suppressed],
+    }
+
+
+def unit_hits_doc(hits, *, search: dict) -> dict:
+    """``hexray index search --json``: the units found, best first."""
+    return {"search": search, "hits": [{"name": h.unit.name, **component_doc_of(h.unit.unit), "dictionary": h.unit.dictionary or None,
+                                        "score": _num(h.score), "activation": _num(h.activation), "max": _num(h.max)} for h in hits]}
