@@ -39,7 +39,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def artifacts():
+    """A dictionary (random, at resid.1) and an identity tuned lens in the session's cache, for the lab to offer."""
+    import hexray
+    from hexray.analysis.features import example_dictionary
+    from hexray.features.tuned_lens import default_tuned_lens_path, identity_tuned_lens, save_tuned_lens
+
+    model = hexray.load_model()
+    folder = example_dictionary(model)
+    save_tuned_lens(identity_tuned_lens(model), default_tuned_lens_path(model))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, artifacts):
     """A real `hexray serve` on the embedded model; its URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -453,3 +466,30 @@ def test_a_hand_edited_url_falls_back_to_what_the_form_offers(server, browser):
         assert not page.errors
     finally:
         page.page.close()
+
+
+def test_a_dictionary_and_the_tuned_lens_from_the_prompt_panel(lab, shots):
+    """Picking a dictionary shows each token's features on hover and lets patching sweep its features; the tuned lens joins the lens panel."""
+    lab.page.select_option("#preset", "ioi")
+    options = lab.page.locator("#dict option").all_inner_texts()
+    assert any("examples/" in o for o in options), options
+    lab.page.select_option("#dict", index=1)
+    assert not lab.page.locator("#tuned").is_disabled()
+    lab.page.check("#tuned")
+    before = lab.page.evaluate("window.hexrayLab.analyses")
+    lab.page.click("#run")
+    lab.analysed(before)
+    assert "dict=examples" in lab.page.url and "tl=1" in lab.page.url
+    lab.page.locator("#tokens .tok").nth(13).hover()
+    tip = lab.text("#tip")
+    assert re.search(r"L1F\d+ +\d", tip), tip  # the token's features, by label and activation
+    column = lab.page.evaluate("(() => { const a = window.hexrayLab.analysis; return a.residual.lens_positions.indexOf(a.position); })()")
+    x, y = lab.page.evaluate(f"document.getElementById('lens-grid').cellCenter(3, {column})")
+    lab.page.locator("#lens-grid").hover(position={"x": x, "y": y})
+    assert "tuned lens: rank" in lab.text("#tip")
+    lab.page.select_option("#sweep", "features")
+    lab.page.click("#patch-run")
+    lab.wait("(document.querySelector('#patch-top li') || {textContent: ''}).textContent.startsWith('L1F')", timeout=120_000)  # the new sweep's top features
+    assert lab.page.input_value("#patch-view") == "features"
+    lab.page.select_option("#dict", index=0)
+    lab.page.uncheck("#tuned")
