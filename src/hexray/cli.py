@@ -920,6 +920,156 @@ def features_command(
         raise typer.Exit(code)
 
 
+# -- the neuroscope: hexray index build|search|info, hexray neuron|head|feature ---------------------
+index_app = typer.Typer(help="The neuroscope index: top-activating examples of every neuron, head and feature (one DuckDB file).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+IndexOpt = Annotated[Optional[str], typer.Option("--index", help="The index file (default: the model's, in the cache; hexray index build makes it).")]
+
+
+def _index_path(value: str | None, spec) -> Path:
+    from hexray.neuroscope import default_index_path
+
+    return Path(value).expanduser() if value else default_index_path(spec)
+
+
+@index_app.command("build")
+def index_build_command(
+    units: Annotated[str, typer.Option("--units", help="Comma-separated: neurons, heads, dict:NAME (a dictionary's latents).")] = "neurons,heads",
+    tokens: Annotated[int, typer.Option("--tokens", help="Corpus tokens to index (counted positions).")] = 200_000,
+    context_size: Annotated[int, typer.Option("--context-size", help="Tokens per corpus context.")] = 128,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-activating examples kept per unit.")] = 20,
+    corpus: CorpusOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="The index file to write (default: the model's, in the cache); replaced only when the build completes.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """One pass of a corpus through the model, keeping every unit's top examples, samples, histogram and logit effects."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hexray.corpus.packs import token_pack
+    from hexray.features.build import Interrupted
+    from hexray.neuroscope import IndexBuildStopped, build_index
+
+    if tokens < 1 or context_size < 2 or top_k < 1:
+        raise HexRayError("--tokens and --top-k must be at least 1, --context-size at least 2")
+    loaded = _load(model, quiet or json_out, device, dtype)
+    _flags.update({"corpus": "--corpus", "out": "--out", "units": "--units", "context_size": "--context-size", "top_k": "--top-k"})
+    target = _index_path(out, loaded.spec)
+    with _training_progress(quiet or json_out) as (stage, should_stop):
+        pack = token_pack(loaded, corpus, context_size=context_size, max_tokens=tokens, progress=lambda done, total: stage("corpus", done, total or tokens, ""))
+        bars = Progress(TextColumn("Indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=_stderr(), disable=quiet or json_out or not _stderr().is_terminal)
+        with bars:
+            task = bars.add_task("index", total=pack.n_tokens)
+            try:
+                info = build_index(loaded, pack, units, target, top_k=top_k, progress=lambda done, total: bars.update(task, completed=done, total=total),
+                                   should_stop=should_stop)
+            except IndexBuildStopped:
+                raise _interrupted(Interrupted("stopped building the index", None)) from None
+    doc = {"index": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens, "units": dict(info.units),
+           "dictionaries": list(info.dictionaries), "seconds": dict(info.seconds), "tokens_per_second": info.tokens_per_second, "size_bytes": info.size_bytes}
+    if json_out:
+        sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
+        return
+    _console().print(f"[green]Indexed {info.tokens:,} tokens[/] ({', '.join(f'{n:,} {k}' for k, n in info.units.items())}) in "
+                     f"{sum(info.seconds.values()):.0f} s ({info.tokens_per_second:,.0f} tokens/s): {escape(str(info.path))} ({info.size_bytes / 1e6:.1f} MB)")
+
+
+def _unit_page_command(text: str, index: str | None, model: str | None, examples: int, json_out: bool) -> None:
+    from hexray.neuroscope import open_index, unit_page
+    from hexray.render.console import render_unit_page
+    from hexray.render.jsondoc import unit_page_doc
+
+    loaded = _load(model, True)
+    with open_index(_index_path(index, loaded.spec), loaded.spec) as opened:
+        page = unit_page(opened, text)
+        if json_out:
+            sys.stdout.write(json.dumps(unit_page_doc(page, opened.info), allow_nan=False) + "\n")
+            return
+        render_unit_page(page, opened.info, _console(), examples=examples)
+
+
+ExamplesOpt = Annotated[int, typer.Option("--examples", "-n", help="Examples shown.")]
+
+
+@app.command("neuron")
+def neuron_command(unit: Annotated[str, typer.Argument(help="An MLP neuron: L10N1234.")], index: IndexOpt = None, model: ModelOpt = None,
+                   examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+    """A neuron's page from the index: statistics, top examples shaded by activation, samples, histogram, logit effects."""
+    _unit_page_command(unit, index, model, examples, json_out)
+
+
+@app.command("head")
+def head_command(unit: Annotated[str, typer.Argument(help="An attention head: L9H6 (its output norm per token).")], index: IndexOpt = None, model: ModelOpt = None,
+                 examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+    """A head's page from the index (its activation is the norm of what it writes)."""
+    _unit_page_command(unit, index, model, examples, json_out)
+
+
+@app.command("feature")
+def feature_command(unit: Annotated[str, typer.Argument(help="A dictionary latent: NAME:123 or L10F123.")], index: IndexOpt = None, model: ModelOpt = None,
+                    examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+    """A feature's page from the index (built with --units dict:NAME)."""
+    _unit_page_command(unit, index, model, examples, json_out)
+
+
+@index_app.command("search")
+def index_search_command(
+    prompt: PromptOpt = None,
+    position: Annotated[int, typer.Option("--position", help="The token of --prompt to look up; negative counts from the end.")] = -1,
+    token: Annotated[Optional[str], typer.Option("--token", help="Instead: units whose top examples centre on this token (e.g. ' Paris').")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Units shown.")] = 20,
+    index: IndexOpt = None,
+    model: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Reverse look-up: the units that fire most at a prompt's token (relative to their own max), or that centre on a token."""
+    from hexray.neuroscope import open_index, search_position, search_token
+    from hexray.render.console import render_unit_hits
+    from hexray.render.jsondoc import unit_hits_doc
+
+    if (prompt is None) == (token is None):
+        raise HexRayError("give --prompt (with --position) or --token, one of them")
+    if limit < 1:
+        raise HexRayError(f"--limit must be at least 1, got {limit}")
+    loaded = _load(model, True)
+    with open_index(_index_path(index, loaded.spec), loaded.spec) as opened:
+        if token is not None:
+            hits = search_token(opened, loaded.single_token(token, role="token"), limit=limit)
+            search, title = {"token": token}, f"Units whose top examples centre on {token!r}"
+        else:
+            found = search_position(opened, loaded, prompt, position, limit=limit)
+            hits = found.hits
+            search, title = {"prompt": prompt, "position": found.position, "token": found.tokens[found.position]}, f"Units firing at {found.tokens[found.position]!r} (position {found.position}), by activation / their max"
+    if json_out:
+        sys.stdout.write(json.dumps(unit_hits_doc(hits, search=search), allow_nan=False) + "\n")
+        return
+    render_unit_hits(hits, _console(), title=title)
+
+
+@index_app.command("info")
+def index_info_command(index: IndexOpt = None, model: ModelOpt = None, json_out: JsonOpt = False) -> None:
+    """What an index holds: model, corpus, tokens, units, build time, size."""
+    from hexray.neuroscope import read_info
+
+    loaded = _load(model, True)
+    path = _index_path(index, loaded.spec)
+    if not path.exists():
+        raise HexRayError(f"no index at {path}", hint="build one: hexray index build")
+    info = read_info(path)
+    doc = {"index": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens, "contexts": info.contexts,
+           "context_size": info.context_size, "top_k": info.top_k, "units": dict(info.units), "dictionaries": list(info.dictionaries),
+           "created": info.created, "seconds": dict(info.seconds), "size_bytes": info.size_bytes}
+    if json_out:
+        sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
+        return
+    for key, value in doc.items():
+        _console().print(f"{key:>13}  {escape(str(value))}", highlight=False)
+
+
 def _open_when_listening(host: str, port: int, url: str, wait: float = 60.0) -> None:
     """Open ``url`` in a browser as soon as the server accepts connections."""
     import socket
