@@ -424,8 +424,10 @@ def render_unit_page(page, info, console: Console, *, examples: int = 10) -> Non
             samples.add_row(band, f"{e.activation:.3f}", _shaded(e, page.max))
         console.print(samples)
     if page.histogram:
-        peak = max(b.count for b in page.histogram)
-        lines = [f"{b.lower:>9.3g} - {b.upper:<9.3g} {'█' * max(1, round(30 * b.count / peak))} {b.count}" for b in page.histogram]
+        per = -(-len(page.histogram) // 12)  # at most 12 rows: neighbouring bins merged
+        rows = [(chunk[0].lower, chunk[-1].upper, sum(b.count for b in chunk)) for chunk in (page.histogram[i : i + per] for i in range(0, len(page.histogram), per))]
+        peak = max(count for _, _, count in rows)
+        lines = [f"{lower:>9.3g} - {upper:<9.3g} {'█' * max(1, round(30 * count / peak))} {count}" for lower, upper, count in rows]
         console.print(Text(f"Histogram of positive activations ({page.sampled:,} sampled positions, {page.nonpositive:,} at or below 0)\n" + "\n".join(lines)))
 
 
