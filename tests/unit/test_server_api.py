@@ -721,10 +721,43 @@ def test_circuit_is_the_circuit_document(client, tiny_llama):
 def test_every_job_is_served_over_a_socket_too(client):
     """The lab runs every job over a socket (so a newer request can stop it): each POST endpoint has its /ws twin."""
     routes = {route.path for route in client.app.routes}
-    # /api/cli is no lab job: hexray --server's one-shot commands (tests/unit/test_warm.py)
-    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/dictionaries", "/api/cli")}
+    # /api/cli is no lab job: hexray --server's one-shot commands (tests/unit/test_warm.py); GET reads (units) answer at once
+    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/dictionaries", "/api/units/{name}", "/api/cli")}
     assert {"analyze", "attention", "flow", "circuit", "patch", "ablate", "heads", "generate", "analyze/set", "patch/set", "ablate/set"} <= posts
     assert {f"/ws/{name}" for name in posts} <= routes
     with client.websocket_connect("ws://127.0.0.1/ws/attention") as ws:
         messages = _stream(ws, {"prompt": CLEAN, "layer": 1, "head": 0})
     assert [m["type"] for m in messages] == ["done"] and messages[-1]["name"] == "L1H0"
+
+
+# ---------------------------------------------------------------------------------------------
+# the neuroscope: GET /api/units/{name}
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unit_pages_come_from_the_models_index_and_follow_a_rebuild(tiny_llama, tmp_path, monkeypatch):
+    """No index: 404. After a build: the page (as hexray neuron --json); after a rebuild into place: the new index's."""
+    from hexray.corpus.packs import token_pack
+    from hexray.neuroscope import build_index, default_index_path
+
+    from tests.conftest import CORPUS
+
+    monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 2), encoding="utf-8")
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as c:
+        missing = c.get("/api/units/L1N3")
+        assert missing.status_code == 404 and "hexray index build" in missing.json()["hint"]
+        path = default_index_path(tiny_llama.spec)
+        build_index(tiny_llama, token_pack(tiny_llama, corpus, context_size=16, max_tokens=200), "neurons,heads", path, top_k=3)
+        page = c.get("/api/units/L1N3")
+        assert page.status_code == 200, page.text
+        doc = page.json()
+        assert doc["name"] == "L1N3" and len(doc["top"]) <= 3 and doc["index"]["tokens"] <= 200
+        assert c.get("/api/units/L0H1").json()["name"] == "L0H1"
+        assert c.get("/api/units/L9N3").status_code in (404, 422)
+        for bad in ("bogus", "L" * 300):
+            r = c.get("/api/units/" + bad)
+            assert 400 <= r.status_code < 500 and r.json()["ok"] is False and "\n" not in r.json()["error"]
+        build_index(tiny_llama, token_pack(tiny_llama, corpus, context_size=16, max_tokens=120), "neurons,heads", path, top_k=2)
+        assert len(c.get("/api/units/L1N3").json()["top"]) <= 2  # the rebuilt index, not the old connection

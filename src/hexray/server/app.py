@@ -412,6 +412,27 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
             r["use"] = r["site"] if r["name"].endswith("/" + r["site"]) else r["name"]
         return {"dictionaries": rows, "tuned_lens": default_tuned_lens_path(model).exists()}
 
+    served_index: dict = {"index": None, "version": None}
+    index_lock = threading.Lock()  # one DuckDB connection, read by one request at a time
+
+    @app.get("/api/units/{name}")
+    def unit(name: str) -> dict:
+        """A neuron's, head's or feature's neuroscope page (what ``hexray neuron --json`` prints) from the served model's index."""
+        from hexray.neuroscope import default_index_path, open_index, unit_page
+
+        if len(name) > 200:
+            raise HexRayError("the unit name is over 200 characters", hint="name a unit: L10N1234, L9H6, resid.12:123")
+        path = default_index_path(model.spec)
+        with index_lock:
+            version = path.stat().st_mtime_ns if path.exists() else None
+            if served_index["index"] is not None and served_index["version"] != version:  # rebuilt (or removed): read the new file
+                served_index["index"].close()
+                served_index["index"] = None
+            if served_index["index"] is None:
+                served_index["index"], served_index["version"] = open_index(path, model.spec), version
+            index = served_index["index"]
+            return jsondoc.unit_page_doc(unit_page(index, name), index.info)
+
     @app.get("/api/presets")
     async def presets() -> dict:
         """The worked examples (``--preset`` in the CLI), each with the circuit the literature expects."""
