@@ -182,6 +182,11 @@ def _loaded(spec: ModelSpec, options) -> tuple[Dictionary, ...]:
     return load_named(options.dict, spec)
 
 
+def _section(model: LoadedModel, trace: Trace, ctx) -> FeatureSection:
+    dictionaries, k = _loaded(model.spec, ctx.options), ctx.options.features_k
+    return FeatureSection(tuple(token_features(model, trace, d, k=k) for d in dictionaries), tuple(_attributed(ctx.attribution, d, 2 * k) for d in dictionaries))
+
+
 def _features_view(section: FeatureSection, ctx) -> View:
     rows = []
     for f in section.dictionaries:
@@ -207,10 +212,7 @@ ANALYSIS = Analysis(
     switch=Option("dict", str | None, None, "Sparse dictionaries (names such as resid.12, or folders; comma-separated): each token's top features, and features in the attribution table."),
     options=(Option("features_k", int, 5, "Features per token shown with --dict.", gt=0, api_le=64),),
     hooks=lambda spec, o: dictionary_hooks(spec, _loaded(spec, o)),
-    compute=lambda model, trace, ctx: FeatureSection(
-        tuple(token_features(model, trace, d, k=ctx.options.features_k) for d in _loaded(model.spec, ctx.options)),
-        tuple(_attributed(ctx.attribution, d, 2 * ctx.options.features_k) for d in _loaded(model.spec, ctx.options)),
-    ),
+    compute=lambda model, trace, ctx: _section(model, trace, ctx),
     refine=lambda model, trace, attribution, o: feature_attribution(model, trace, attribution, _loaded(model.spec, o)),
     example=lambda model: example_dictionary(model),
     json_key="features",

@@ -30,8 +30,8 @@ from hexray.intervene.results import METHODS, SWEEP_KINDS, SWEEPS, Method, Patch
 from hexray.models.loading import LoadedModel, ModelSpec
 from hexray.options import Option, options_class
 from hexray.tracing.edits import Edit, run_variants, site_mask
-from hexray.tracing.engine import capture, run_trace, run_with_gradients, tokenize_prompt
-from hexray.tracing.sites import Component, Hook, parse_hook
+from hexray.tracing.engine import run_trace, run_with_gradients, tokenize_prompt
+from hexray.tracing.sites import Component, Hook
 
 PATCH_OPTIONS: tuple[Option, ...] = (
     Option("target", str | None, None, "Target token (one token, e.g. ' Mary'). Default: the clean prompt's prediction."),
@@ -217,9 +217,10 @@ def activation_patching(
     clean_trace = run_trace(model, clean, hooks, prepend_bos=prepend_bos)
     if target_id is None:
         target_id = int(clean_trace.logits[-1].argmax())
-    corrupt_logits = None
-    if contrast_id is None or method == "exact":
-        corrupt_logits = run_trace(model, corrupt, (), prepend_bos=prepend_bos).logits
+    corrupt_logits = corrupt_inputs = None
+    if contrast_id is None or method == "exact":  # with the dictionaries' inputs: the exact features sweep reads them
+        corrupt_trace = run_trace(model, corrupt, {d.site.hook_in(model.spec) for d in dictionaries}, prepend_bos=prepend_bos)
+        corrupt_logits, corrupt_inputs = corrupt_trace.logits, corrupt_trace.acts
     if contrast_id is None:
         contrast_id = int(corrupt_logits[-1].argmax())
         if contrast_id == target_id:
@@ -230,6 +231,7 @@ def activation_patching(
     corrupt_acts = grads = None
     if method != "exact":  # attribution's forward pass on the corrupt prompt also gives its logits
         corrupt_logits, corrupt_acts, grads = metric_gradients(model, corrupt_ids, hooks, target=target_id, contrast=contrast_id)
+        corrupt_inputs = corrupt_acts
     if contrast_id == target_id:
         raise HexRayError("target and contrast are the same token", hint="the metric is logit(target) - logit(contrast)")
 
@@ -251,7 +253,7 @@ def activation_patching(
     keep[-1 if last_position_only else slice(None)] = True
     # per dictionary: (clean - corrupt) latents on the corrupt prompt's positions, [pos, d_sae]
     latent_deltas = [
-        (_aligned(d.encode(clean_trace.acts[d.site.hook_in(model.spec)]), n) - d.encode(_acts_of(model, corrupt_ids, corrupt_acts, d))) * keep
+        (_aligned(d.encode(clean_trace.acts[d.site.hook_in(model.spec)]), n) - d.encode(corrupt_inputs[d.site.hook_in(model.spec)])) * keep
         for d in dictionaries
     ]
 
@@ -303,14 +305,6 @@ def _dictionaries(model: LoadedModel, names: str | None) -> tuple:
     from hexray.features.store import load_named
 
     return load_named(names, model.spec) if names else ()
-
-
-def _acts_of(model: LoadedModel, token_ids: Sequence[int], acts: dict[str, torch.Tensor] | None, d) -> torch.Tensor:
-    """The corrupt prompt's activation at ``d``'s input [pos, width]: from the attribution pass, else one capture."""
-    hook = d.site.hook_in(model.spec)
-    if acts is not None and hook in acts:
-        return acts[hook]
-    return capture(model, [list(token_ids)], {hook}, stop_after_layer=parse_hook(hook).layer)[1][0][hook]
 
 
 def _tokens(model: LoadedModel, prompt: str, field: str, prepend_bos: bool | None) -> list[int]:
