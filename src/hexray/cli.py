@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -934,86 +935,157 @@ def _index_path(value: str | None, spec) -> Path:
 
 @index_app.command("build")
 def index_build_command(
-    units: Annotated[str, typer.Option("--units", help="Comma-separated: neurons, heads, dict:NAME (a dictionary's latents).")] = "neurons,heads",
-    tokens: Annotated[int, typer.Option("--tokens", help="Corpus tokens to index (counted positions).")] = 200_000,
-    context_size: Annotated[int, typer.Option("--context-size", help="Tokens per corpus context.")] = 128,
-    top_k: Annotated[int, typer.Option("--top-k", help="Top-activating examples kept per unit.")] = 20,
+    units: Annotated[Optional[str], typer.Option("--units", help="Comma-separated: neurons, heads, dict:NAME (a dictionary's latents). Default: neurons,heads (with --add: the index's).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Corpus tokens to index (counted positions); with --add, tokens to add.")] = 200_000,
+    context_size: Annotated[Optional[int], typer.Option("--context-size", help="Tokens per corpus context (default 128; with --add, the index's).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-activating examples kept per unit (with --add, the index's).")] = 20,
+    label_tokens: Annotated[Optional[int], typer.Option("--label-tokens", help="Held-out tokens (after the indexed ones) that score each unit's automatic label (default: a tenth of --tokens; 0: no labels).")] = None,
     corpus: CorpusOpt = None,
     out: Annotated[Optional[str], typer.Option("--out", help="The index file to write (default: the model's, in the cache); replaced only when the build completes.")] = None,
+    add: Annotated[bool, typer.Option("--add", help="Extend the index with more text: the next --tokens tokens of --corpus it does not hold yet.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Start over instead of resuming a stopped build of the same index.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (Ray Data actors; pip install 'hexray[scale]').")] = "local",
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors, each holding the model (default 2).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="An existing Ray cluster (default: start a local one).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """One pass of a corpus through the model, keeping every unit's top examples, samples, histogram and logit effects."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """One pass of a corpus through the model, keeping every unit's top examples, samples, histogram and logit effects.
 
-    from hexray.corpus.packs import token_pack
-    from hexray.features.build import Interrupted
-    from hexray.neuroscope import IndexBuildStopped, build_index
-
-    if tokens < 1 or context_size < 2 or top_k < 1:
-        raise HexRayError("--tokens and --top-k must be at least 1, --context-size at least 2")
+    A stopped build (Ctrl-C) resumes when run again; --add extends an index with more text.
+    """
+    _flags.update({"corpus": "--corpus", "out": "--out", "units": "--units", "context_size": "--context-size", "top_k": "--top-k",
+                   "engine": "--engine", "workers": "--workers", "address": "--ray-address"})
+    if tokens < 1 or top_k < 1 or (context_size is not None and context_size < 2) or (label_tokens is not None and label_tokens < 0):
+        raise HexRayError("--tokens and --top-k must be at least 1, --context-size at least 2, --label-tokens at least 0")
+    if engine not in ("local", "ray"):
+        raise HexRayError(f"--engine must be local or ray, got {engine!r}")
     loaded = _load(model, quiet or json_out, device, dtype)
-    _flags.update({"corpus": "--corpus", "out": "--out", "units": "--units", "context_size": "--context-size", "top_k": "--top-k"})
     target = _index_path(out, loaded.spec)
-    with _training_progress(quiet or json_out) as (stage, should_stop):
-        pack = token_pack(loaded, corpus, context_size=context_size, max_tokens=tokens, progress=lambda done, total: stage("corpus", done, total or tokens, ""))
-        bars = Progress(TextColumn("Indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=_stderr(), disable=quiet or json_out or not _stderr().is_terminal)
-        with bars:
-            task = bars.add_task("index", total=pack.n_tokens)
-            try:
-                info = build_index(loaded, pack, units, target, top_k=top_k, progress=lambda done, total: bars.update(task, completed=done, total=total),
-                                   should_stop=should_stop)
-            except IndexBuildStopped:
-                raise _interrupted(Interrupted("stopped building the index", None)) from None
+    info = _build_index(loaded, target, units=units, tokens=tokens, context_size=context_size, top_k=top_k, corpus=corpus, add=add, restart=restart, label_tokens=label_tokens,
+                        engine=engine, workers=workers, ray_address=ray_address, model_name=model, quiet=quiet or json_out)
     doc = {"index": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens, "units": dict(info.units),
            "dictionaries": list(info.dictionaries), "seconds": dict(info.seconds), "tokens_per_second": info.tokens_per_second, "size_bytes": info.size_bytes}
     if json_out:
         sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
         return
-    _console().print(f"[green]Indexed {info.tokens:,} tokens[/] ({', '.join(f'{n:,} {k}' for k, n in info.units.items())}) in "
+    added = f"Added {info.sources[-1]['tokens']:,} tokens: " if add else ""
+    _console().print(f"[green]{added}Indexed {info.tokens:,} tokens[/] ({', '.join(f'{n:,} {k}' for k, n in info.units.items())}) in "
                      f"{sum(info.seconds.values()):.0f} s ({info.tokens_per_second:,.0f} tokens/s): {escape(str(info.path))} ({info.size_bytes / 1e6:.1f} MB)")
 
 
-def _unit_page_command(text: str, index: str | None, model: str | None, examples: int, json_out: bool) -> None:
+def _build_index(loaded, target: Path, *, units: str | None, tokens: int, context_size: int | None, top_k: int, corpus: str | None, add: bool, restart: bool,
+                 label_tokens: int | None = None, engine: str = "local", workers: int | None = None, ray_address: str | None = None, model_name: str | None = None, quiet: bool = False):
+    """Tokenize the corpus and build (or extend) the index at ``target`` with progress bars; Ctrl-C stops it (a rerun resumes)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hexray.corpus.packs import token_pack
+    from hexray.neuroscope import IndexBuildStopped, build_index, read_info
+    from hexray.neuroscope.index import indexed_tokens, split_held_out
+
+    if add:
+        if not target.is_file():
+            raise HexRayError(f"no index at {target} to add to", hint="build one first (without --add)")
+        held = read_info(target)
+        if context_size is not None and context_size != held.context_size:
+            raise HexRayError(f"the index's contexts are {held.context_size} tokens, not {context_size}", hint="leave out --context-size with --add")
+        context_size = held.context_size
+        tokens += indexed_tokens(target, loaded, corpus, context_size)  # the pack starts at the corpus's start; the index skips what it holds
+    context_size = context_size or 128
+    held = max(1, tokens // 10) if label_tokens is None else label_tokens
+    with _training_progress(quiet) as (stage, should_stop):
+        both = token_pack(loaded, corpus, context_size=context_size, max_tokens=tokens + held, progress=lambda done, total: stage("corpus", done, total or tokens, ""))
+        pack, held_out = split_held_out(both, tokens) if held else (both, None)
+        bars = Progress(TextColumn("Indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens {task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=_stderr(), disable=quiet or not _stderr().is_terminal)
+        started: dict[str, float] = {}
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            first = started.setdefault("at", now), started.setdefault("done", done)  # a resumed build counts its rate from where it resumed
+            rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+            bars.update(task, completed=done, total=total, rate=f"{rate:,.0f} tokens/s" if rate else "")
+
+        with bars:
+            task = bars.add_task("index", total=pack.n_tokens, rate="")
+            try:
+                return build_index(loaded, pack, None if add and units is None else (units or "neurons,heads"), target, top_k=top_k, add=add, resume=not restart, held_out=held_out,
+                                   engine=engine, workers=workers, address=ray_address, model_name=model_name,
+                                   progress=progress, should_stop=should_stop)
+            except IndexBuildStopped as exc:
+                _stderr().print(f"interrupted: {exc}; run the same command again to resume (the previous index, if any, is unchanged)", highlight=False)
+                raise typer.Exit(130) from None
+
+
+DEFAULT_INDEX_TOKENS = 200_000
+
+
+def _ensure_index(loaded, index: str | None, quiet: bool = False) -> Path:
+    """The index to read: ``--index``, else the model's default; the embedded models build theirs on first use (neurons, heads, and their default dictionaries when trained)."""
+    from hexray.features.build import default_sites
+    from hexray.features.store import model_dictionaries_root
+
+    path = _index_path(index, loaded.spec)
+    if index is not None or path.exists() or loaded.spec.source != "embedded":
+        return path
+    root = model_dictionaries_root(loaded.spec)
+    units = ",".join(["neurons", "heads"] + [f"dict:{site}" for site in default_sites(loaded) if (root / site).exists()])
+    _stderr().print(f"Building {loaded.name}'s neuroscope index ({units} over {DEFAULT_INDEX_TOKENS:,} tokens of the default corpus): once, "
+                    "about ten minutes on a CPU; Ctrl-C stops (a rerun resumes)", highlight=False)
+    _build_index(loaded, path, units=units, tokens=DEFAULT_INDEX_TOKENS, context_size=None, top_k=20, corpus=None, add=False, restart=False, quiet=quiet)
+    return path
+
+
+def _unit_page_command(text: str, index: str | None, model: str | None, examples: int, json_out: bool, html: str | None = None) -> None:
     from hexray.neuroscope import open_index, unit_page
     from hexray.render.console import render_unit_page
+    from hexray.render.files import check_page_path, write_page
+    from hexray.render.html import unit_page_html
     from hexray.render.jsondoc import unit_page_doc
 
+    if html is not None:
+        check_page_path(html)  # before the model loads
     loaded = _load(model, True)
-    with open_index(_index_path(index, loaded.spec), loaded.spec) as opened:
+    with open_index(_ensure_index(loaded, index), loaded.spec) as opened:
         page = unit_page(opened, text)
+        doc = unit_page_doc(page, opened.info)
+        written = write_page(html, unit_page_html(doc)) if html is not None else None
         if json_out:
-            sys.stdout.write(json.dumps(unit_page_doc(page, opened.info), allow_nan=False) + "\n")
+            if written is not None:
+                doc["html_file"] = str(written)
+            sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
             return
         render_unit_page(page, opened.info, _console(), examples=examples)
+    if written is not None:
+        _console().print(f"[green]Page written to {escape(str(written))}[/]")
 
 
 ExamplesOpt = Annotated[int, typer.Option("--examples", "-n", help="Examples shown.")]
+UnitHtmlOpt = Annotated[Optional[str], typer.Option("--html", help="Also write the page, with every stored example, as one self-contained HTML file (inline CSS, no scripts).")]
 
 
 @app.command("neuron")
 def neuron_command(unit: Annotated[str, typer.Argument(help="An MLP neuron: L10N1234.")], index: IndexOpt = None, model: ModelOpt = None,
-                   examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+                   examples: ExamplesOpt = 10, json_out: JsonOpt = False, html: UnitHtmlOpt = None) -> None:
     """A neuron's page from the index: statistics, top examples shaded by activation, samples, histogram, logit effects."""
-    _unit_page_command(unit, index, model, examples, json_out)
+    _unit_page_command(unit, index, model, examples, json_out, html)
 
 
 @app.command("head")
 def head_command(unit: Annotated[str, typer.Argument(help="An attention head: L9H6 (its output norm per token).")], index: IndexOpt = None, model: ModelOpt = None,
-                 examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+                 examples: ExamplesOpt = 10, json_out: JsonOpt = False, html: UnitHtmlOpt = None) -> None:
     """A head's page from the index (its activation is the norm of what it writes)."""
-    _unit_page_command(unit, index, model, examples, json_out)
+    _unit_page_command(unit, index, model, examples, json_out, html)
 
 
 @app.command("feature")
 def feature_command(unit: Annotated[str, typer.Argument(help="A dictionary latent: NAME:123 or L10F123.")], index: IndexOpt = None, model: ModelOpt = None,
-                    examples: ExamplesOpt = 10, json_out: JsonOpt = False) -> None:
+                    examples: ExamplesOpt = 10, json_out: JsonOpt = False, html: UnitHtmlOpt = None) -> None:
     """A feature's page from the index (built with --units dict:NAME)."""
-    _unit_page_command(unit, index, model, examples, json_out)
+    _unit_page_command(unit, index, model, examples, json_out, html)
 
 
 @index_app.command("search")
@@ -1036,7 +1108,7 @@ def index_search_command(
     if limit < 1:
         raise HexRayError(f"--limit must be at least 1, got {limit}")
     loaded = _load(model, True)
-    with open_index(_index_path(index, loaded.spec), loaded.spec) as opened:
+    with open_index(_ensure_index(loaded, index), loaded.spec) as opened:
         if token is not None:
             hits = search_token(opened, loaded.single_token(token, role="token"), limit=limit)
             search, title = {"token": token}, f"Units whose top examples centre on {token!r}"
@@ -1048,6 +1120,46 @@ def index_search_command(
         sys.stdout.write(json.dumps(unit_hits_doc(hits, search=search), allow_nan=False) + "\n")
         return
     render_unit_hits(hits, _console(), title=title)
+
+
+@index_app.command("label")
+def index_label_command(
+    explainer: Annotated[str, typer.Option("--explainer", help="Your explainer as module:attribute (name, explain(page), simulate(label, tokens)); see hexray.neuroscope.labels.Explainer.")],
+    units: Annotated[str, typer.Option("--units", help="Comma-separated units to label: L10N1234,L9H6,NAME:123.")],
+    held_out_tokens: Annotated[int, typer.Option("--held-out-tokens", help="Held-out corpus tokens (after the indexed ones) its simulations are scored on.")] = 20_000,
+    corpus: CorpusOpt = None,
+    index: IndexOpt = None,
+    model: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Label units with your own explainer (e.g. an LLM you run); each label is scored by how well its simulation predicts held-out activations."""
+    from hexray.corpus.packs import token_pack
+    from hexray.neuroscope import read_info
+    from hexray.neuroscope.index import indexed_tokens, split_held_out
+    from hexray.neuroscope.labels import explain_units, load_explainer
+
+    _flags.update({"explainer": "--explainer", "unit": "--units", "corpus": "--corpus"})
+    if held_out_tokens < 1:
+        raise HexRayError(f"--held-out-tokens must be at least 1, got {held_out_tokens}")
+    names = [u.strip() for u in units.split(",") if u.strip()]
+    if not names:
+        raise HexRayError("--units names no unit", hint="e.g. --units L10N1234,L9H6")
+    chosen = load_explainer(explainer)
+    loaded = _load(model, True)
+    path = _index_path(index, loaded.spec)
+    info = read_info(path)
+    have = indexed_tokens(path, loaded, corpus, info.context_size)
+    both = token_pack(loaded, corpus, context_size=info.context_size, max_tokens=have + held_out_tokens)
+    _, held_out = split_held_out(both, have)
+    if held_out is None:
+        raise HexRayError("the corpus has no text after the indexed tokens to score on", hint="give --corpus another corpus the index did not read")
+    got = explain_units(path, loaded, chosen, names, held_out)
+    rows = [{"unit": n, "label": x.text, "score": None if x.score != x.score else round(x.score, 4), "source": x.source} for n, x in zip(names, got)]
+    if json_out:
+        sys.stdout.write(json.dumps({"index": str(path), "labels": rows}, allow_nan=False) + "\n")
+        return
+    for r in rows:
+        _console().print(f"{r['unit']:>12}  {escape(r['label'])}  [dim](score {'not measurable' if r['score'] is None else r['score']})[/]", highlight=False)
 
 
 @index_app.command("info")
@@ -1062,6 +1174,7 @@ def index_info_command(index: IndexOpt = None, model: ModelOpt = None, json_out:
     info = read_info(path)
     doc = {"index": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens, "contexts": info.contexts,
            "context_size": info.context_size, "top_k": info.top_k, "units": dict(info.units), "dictionaries": list(info.dictionaries),
+           "sources": [{"corpus": x["corpus"], "tokens": x["tokens"], "first_context": x["first_context"]} for x in info.sources],
            "created": info.created, "seconds": dict(info.seconds), "size_bytes": info.size_bytes}
     if json_out:
         sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")

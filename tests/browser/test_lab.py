@@ -40,14 +40,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def artifacts():
-    """A dictionary (random, at resid.1) and an identity tuned lens in the session's cache, for the lab to offer."""
+    """A dictionary (random, at resid.1), an identity tuned lens and a small neuroscope index of the heads in the session's cache, for the lab to offer."""
     import hexray
     from hexray.analysis.features import example_dictionary
+    from hexray.corpus.packs import token_pack
     from hexray.features.tuned_lens import default_tuned_lens_path, identity_tuned_lens, save_tuned_lens
+    from hexray.neuroscope import build_index, default_index_path
 
     model = hexray.load_model()
     folder = example_dictionary(model)
     save_tuned_lens(identity_tuned_lens(model), default_tuned_lens_path(model))
+    # heads only: a few seconds (every neuron's logit effects would take minutes on two cores)
+    build_index(model, token_pack(model, context_size=64, max_tokens=1024), "heads", default_index_path(model.spec), top_k=5)
     return folder
 
 
@@ -493,3 +497,71 @@ def test_a_dictionary_and_the_tuned_lens_from_the_prompt_panel(lab, shots):
     assert lab.page.input_value("#patch-view") == "features"
     lab.page.select_option("#dict", index=0)
     lab.page.uncheck("#tuned")
+
+
+def test_a_unit_card_from_a_label_and_the_units_at_a_token(server, browser, shots):
+    """Any head label opens its neuroscope card (examples shaded by activation); the token strip asks which units fire at a token."""
+    deadline = time.monotonic() + 300  # an earlier test's long job (a features sweep) may still hold the model
+    while httpx.get(f"{server}api/health", timeout=5).json()["busy"] and time.monotonic() < deadline:
+        time.sleep(1)
+    page = Page(browser, server)
+    try:
+        lab_page = page.page
+        lab_page.select_option("#preset", "ioi")
+        page.analysed()
+        assert lab_page.locator("#dla-top li", has_text="MLP").first.get_attribute("data-unit") is None  # a layer is no unit the neuroscope indexes
+        label = lab_page.locator("#dla-top li[data-unit]").first
+        name = label.get_attribute("data-unit")
+        assert re.fullmatch(r"L\d+H\d+", name), name
+        label.click()
+        page.wait("document.getElementById('unit-card').dataset.state === 'shown'")
+        expected = httpx.get(f"{server}api/units/{name}").json()
+        assert page.page.evaluate("window.hexrayLab.docs['unit-card']") == expected and expected["top"]
+        assert f"unit={name}" in lab_page.url
+        assert lab_page.locator("#unit-card .unit-name").inner_text() == name
+        rows = lab_page.locator("#unit-card .examples li")
+        assert rows.count() == len(expected["top"])
+        for i, e in enumerate(expected["top"]):
+            assert rows.nth(i).locator(".act").inner_text() == f"{e['activation']:.3f}"
+            assert rows.nth(i).locator(".ctx").text_content() == "".join(e["tokens"]).replace("\n", "↵").replace("\t", "⇥")
+            assert rows.nth(i).locator(".ctx .here").text_content() == e["token"].replace("\n", "↵").replace("\t", "⇥")
+        assert lab_page.locator("#unit-card .samples li").count() == len(expected["samples"])
+        assert lab_page.evaluate("document.getElementById('unit-hist').width") > 0
+        lab_page.locator("#unit-drawer").screenshot(path=str(shots / "unit-card.png"))
+
+        analysis = lab_page.evaluate("window.hexrayLab.analysis")
+        lab_page.click("#units-here")
+        page.wait("document.getElementById('unit-hits').dataset.state === 'shown'")
+        at = httpx.get(f"{server}api/units", params={"prompt": analysis["prompt"], "position": analysis["position"] - len(analysis["tokens"]), "limit": 20}).json()
+        hits = lab_page.locator("#unit-hits li[data-unit]")
+        assert [hits.nth(i).get_attribute("data-unit") for i in range(hits.count())] == [h["name"] for h in at["hits"]] and at["hits"]
+        assert at["search"]["token"] == analysis["tokens"][analysis["position"]]
+        other = at["hits"][1]["name"] if at["hits"][0]["name"] == name else at["hits"][0]["name"]
+        lab_page.locator(f"#unit-hits li[data-unit='{other}']").click()
+        page.wait(f"document.getElementById('unit-card').dataset.state === 'shown' && window.hexrayLab.docs['unit-card'].name === '{other}'")
+
+        lab_page.locator("#tokens .tok").nth(2).click(button="right")  # any token of the strip, without explaining it anew
+        page.wait("(document.querySelector('#unit-hits .hits-title') || {textContent: ''}).textContent.includes('(position 2)')")
+        assert lab_page.locator("#unit-hits li[data-unit]").count() > 0
+
+        lab_page.keyboard.press("Escape")
+        assert lab_page.locator("#unit-drawer").is_hidden() and "unit=" not in lab_page.url
+        lab_page.click("#neuroscope-open")
+        lab_page.fill("#unit-token", " Mary")
+        lab_page.click("#unit-token-run")
+        page.wait("(document.querySelector('#unit-hits .hits-title') || {textContent: ''}).textContent.includes('centre on')")
+        on = httpx.get(f"{server}api/units", params={"token": " Mary", "limit": 20}).json()
+        assert lab_page.locator("#unit-hits li[data-unit]").count() == len(on["hits"])
+        lab_page.click("#unit-close")
+        assert lab_page.locator("#unit-drawer").is_hidden()
+        assert not page.errors, page.errors
+    finally:
+        page.page.close()
+    missing = Page(browser, server + "?unit=L0N99999")  # a shared URL naming a unit the index lacks: one line saying why
+    try:
+        missing.wait("document.getElementById('unit-card').dataset.state === 'error'")
+        text = missing.text("#unit-card")
+        assert text.startswith("L0N99999: ") and "\n" not in text.strip()
+        assert not missing.errors, missing.errors
+    finally:
+        missing.page.close()

@@ -7,6 +7,7 @@ library against brute force); here: what the commands print, their JSON, and the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -68,3 +69,36 @@ def test_mistakes_are_one_line(cli, tiny_llama, tmp_path, monkeypatch):
     bad = tmp_path / "bad.duckdb"
     bad.write_text("not a database")
     assert_one_line_error(cli(tiny_llama, "neuron", "L1N3", "--index", bad), "")
+
+
+def test_a_unit_page_as_one_self_contained_html_file(cli, tiny_llama, corpus, tmp_path, monkeypatch):
+    """``--html FILE``: the page's examples (their tokens and activations), samples, histogram and effects; nothing fetched, no script."""
+    from html import escape
+
+    monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "cache"))
+    run_json(cli, tiny_llama, "index", "build", "--corpus", corpus, "--tokens", "300", "--context-size", "16", "--top-k", "4")
+    page = run_json(cli, tiny_llama, "neuron", "L1N3")
+    out = tmp_path / "pages" / "l1n3.html"
+    assert_one_line_error(cli("no-load", "neuron", "L1N3", "--html", out), "--html")  # no such folder: said before the model loads
+    out.parent.mkdir()
+    shown = cli(tiny_llama, "neuron", "L1N3", "--html", out)
+    assert shown.code == 0, shown.err
+    assert "Top" in shown.out and str(out) in shown.out.replace("\n", "")
+    html = out.read_text(encoding="utf-8")
+    assert html.startswith("<!doctype html>") and "<h1>L1N3</h1>" in html
+    contexts = [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r'<td class="ctx">(.*?)</td>', html)]  # each example's window, as text
+    assert contexts == [escape("".join(e["tokens"]).replace("\n", "⏎")) for e in page["top"] + page["samples"]]
+    assert all(f"<td>{e['activation']:.3f}</td>" in html for e in page["top"])
+    marked = re.findall(r'<span class="here"[^>]*>([^<]*)</span>', html)  # each example's own token, in order
+    assert marked == [escape(e["token"].replace("\n", "⏎")) for e in page["top"] + page["samples"]]
+    assert "<svg" in html and html.count("<rect") == len(page["histogram"])
+    assert all(escape(x["token"]) in html for x in page["promoted"][:3])
+    lowered = html.lower()
+    assert "<script" not in lowered and "<link" not in lowered and "src=" not in lowered and "href=" not in lowered
+    assert "http://" not in lowered and "https://" not in lowered and "url(" not in lowered and "@import" not in lowered
+    assert [p.name for p in out.parent.iterdir()] == ["l1n3.html"]  # written beside itself and moved in: no partial file left
+
+    head_page = tmp_path / "head.html"
+    doc = run_json(cli, tiny_llama, "head", "L0H1", "--html", head_page)
+    assert doc["html_file"] == str(head_page) and "<h1>L0H1</h1>" in head_page.read_text(encoding="utf-8")
+    assert_one_line_error(cli("no-load", "head", "L0H1", "--html", tmp_path), "--html")  # a folder, not a file

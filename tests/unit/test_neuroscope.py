@@ -265,7 +265,7 @@ def test_an_interrupted_build_leaves_the_previous_index_and_no_temporary_file(ti
     calls = []
     with pytest.raises(IndexBuildStopped):
         build_index(tiny_model, pack, "neurons", out, batch_contexts=BATCH, should_stop=lambda: calls.append(1) or len(calls) > 2)
-    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["index.duckdb"]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [".index.duckdb.resume", "index.duckdb"]  # a checkpoint to resume from
 
     real = stream.update
 
@@ -277,7 +277,7 @@ def test_an_interrupted_build_leaves_the_previous_index_and_no_temporary_file(ti
 
     monkeypatch.setattr(stream, "update", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        build_index(tiny_model, pack, "neurons", out, batch_contexts=BATCH)
+        build_index(tiny_model, pack, "neurons", out, batch_contexts=BATCH, resume=False)
     monkeypatch.setattr(stream, "update", real)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["index.duckdb"]
     with open_index(out, tiny_model.spec) as index:

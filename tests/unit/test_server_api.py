@@ -721,8 +721,9 @@ def test_circuit_is_the_circuit_document(client, tiny_llama):
 def test_every_job_is_served_over_a_socket_too(client):
     """The lab runs every job over a socket (so a newer request can stop it): each POST endpoint has its /ws twin."""
     routes = {route.path for route in client.app.routes}
-    # /api/cli is no lab job: hexray --server's one-shot commands (tests/unit/test_warm.py); GET reads (units) answer at once
-    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/dictionaries", "/api/units/{name}", "/api/cli")}
+    # /api/cli is no lab job: hexray --server's one-shot commands (tests/unit/test_warm.py); GET reads (units, their look-ups) answer at once
+    gets = ("/api/health", "/api/analyses", "/api/options", "/api/presets", "/api/dictionaries", "/api/units/{name}", "/api/units")
+    posts = {p.removeprefix("/api/") for p in routes if p.startswith("/api/") and p not in (*gets, "/api/cli")}
     assert {"analyze", "attention", "flow", "circuit", "patch", "ablate", "heads", "generate", "analyze/set", "patch/set", "ablate/set"} <= posts
     assert {f"/ws/{name}" for name in posts} <= routes
     with client.websocket_connect("ws://127.0.0.1/ws/attention") as ws:
@@ -761,3 +762,88 @@ def test_unit_pages_come_from_the_models_index_and_follow_a_rebuild(tiny_llama, 
             assert 400 <= r.status_code < 500 and r.json()["ok"] is False and "\n" not in r.json()["error"]
         build_index(tiny_llama, token_pack(tiny_llama, corpus, context_size=16, max_tokens=120), "neurons,heads", path, top_k=2)
         assert len(c.get("/api/units/L1N3").json()["top"]) <= 2  # the rebuilt index, not the old connection
+
+
+def _index_corpus(tmp_path) -> Path:
+    from tests.conftest import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 2), encoding="utf-8")
+    return corpus
+
+
+def _hit_names(doc: dict) -> list[tuple[str, float]]:
+    return [(h["name"], h["score"]) for h in doc["hits"]]
+
+
+def test_reverse_look_ups_answer_what_the_library_does(tiny_llama, tmp_path, monkeypatch):
+    """GET /api/units?prompt=&position= and ?token= are search_position and search_token on the served index (404 without one)."""
+    from hexray.corpus.packs import token_pack
+    from hexray.neuroscope import build_index, default_index_path, open_index, search_position, search_token
+    from hexray.render.jsondoc import unit_hits_doc
+
+    monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "cache"))
+    token = _one_token(tiny_llama)[0]
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as c:
+        for query in ({"token": token}, {"prompt": CLEAN, "position": -1}):
+            missing = c.get("/api/units", params=query)
+            assert missing.status_code == 404 and "hexray index build" in missing.json()["hint"], missing.json()
+        path = default_index_path(tiny_llama.spec)
+        build_index(tiny_llama, token_pack(tiny_llama, _index_corpus(tmp_path), context_size=16, max_tokens=300), "neurons,heads", path, top_k=4)
+
+        at = c.get("/api/units", params={"prompt": CLEAN, "position": -2, "limit": 7})
+        on = c.get("/api/units", params={"token": token, "limit": 5})
+        assert at.status_code == 200 and on.status_code == 200, (at.text, on.text)
+        with open_index(path, tiny_llama.spec) as index:
+            found = search_position(index, tiny_llama, CLEAN, -2, limit=7)
+            expected_at = unit_hits_doc(found.hits, search={"prompt": CLEAN, "position": found.position, "token": found.tokens[found.position]})
+            expected_on = unit_hits_doc(search_token(index, tiny_llama.single_token(token, role="token"), limit=5), search={"token": token})
+        assert at.json() == expected_at and len(at.json()["hits"]) == 7
+        assert at.json()["search"]["position"] == len(found.tokens) - 2
+        assert on.json() == expected_on and on.json()["hits"], on.json()  # the corpus repeats the names: some top examples centre on them
+        assert c.get("/api/units", params={"prompt": CLEAN, "position": len(found.tokens) - 2, "limit": 7}).json() == expected_at  # the same token, counted from the start
+
+        for query, field in (({"prompt": CLEAN, "position": 999}, "position"), ({"token": " Mary had"}, "token"), ({"token": token, "limit": 0}, "limit"),
+                             ({"token": token, "limit": "many"}, "limit"), ({}, "prompt"), ({"prompt": CLEAN, "token": token}, "prompt"),
+                             ({"token": token, "bogus": 1}, "bogus")):
+            r = c.get("/api/units", params=query)
+            body = r.json()
+            assert r.status_code == 422 and body["ok"] is False and field in body["error"] and "\n" not in body["error"], (query, body)
+        assert c.get("/api/health").json()["busy"] is False  # the prompt's forward pass took its turn and gave it back
+
+
+def test_unit_pages_are_served_while_a_build_replaces_the_index(tiny_llama, tmp_path, monkeypatch):
+    """A build into the served index's path leaves the old file in place until it is complete: pages keep coming from it, then from the new one."""
+    from hexray.corpus.packs import token_pack
+    from hexray.neuroscope import build_index, default_index_path
+
+    monkeypatch.setenv("HEXRAY_CACHE", str(tmp_path / "cache"))
+    corpus, path = _index_corpus(tmp_path), default_index_path(tiny_llama.spec)
+    build_index(tiny_llama, token_pack(tiny_llama, corpus, context_size=16, max_tokens=120), "neurons,heads", path, top_k=2)
+    building, fetched = threading.Event(), threading.Event()
+
+    def hold_once() -> bool:  # asked before each batch: the first time, wait until the test has read a page mid-build
+        if not building.is_set():
+            building.set()
+            assert fetched.wait(60), "the test never read a page during the build"
+        return False
+
+    with TestClient(create_app(tiny_llama, time_limit=60), base_url="http://127.0.0.1") as c:
+        before = c.get("/api/units/L1N3").json()
+        assert before["index"]["tokens"] <= 120 and len(before["top"]) <= 2
+        bigger = token_pack(tiny_llama, corpus, context_size=16, max_tokens=300)
+        with ThreadPoolExecutor(1) as pool:
+            build = pool.submit(build_index, tiny_llama, bigger, "neurons,heads", path, top_k=4, should_stop=hold_once)
+            assert building.wait(60), build.exception(0) if build.done() else "the build never started"
+            try:
+                during = c.get("/api/units/L1N3")
+                head = c.get("/api/units/L0H1")
+                hits = c.get("/api/units", params={"token": _one_token(tiny_llama)[0]})
+            finally:
+                fetched.set()
+            build.result(120)
+        assert during.status_code == 200 and during.json() == before  # the previous index, whole
+        assert head.status_code == 200 and hits.status_code == 200
+        after = c.get("/api/units/L1N3").json()
+        assert after["index"]["tokens"] == bigger.n_tokens > before["index"]["tokens"]  # the new file, once moved into place
+        assert len(after["top"]) > len(before["top"])

@@ -15,6 +15,7 @@ import torch
 from hexray.errors import HexRayError
 from hexray.models.loading import LoadedModel
 from hexray.neuroscope.index import Index, dequantised
+from hexray.neuroscope.labels import Label
 from hexray.tracing import sites
 from hexray.tracing.sites import Component
 
@@ -86,6 +87,12 @@ class UnitPage:
     sampled: int  # positions the histogram counts
     promoted: tuple[LogitEffect, ...]  # empty for heads
     suppressed: tuple[LogitEffect, ...]
+    labels: tuple[Label, ...] = ()  # the automatic label and any explainer's, best score first
+
+    @property
+    def label(self) -> Label | None:
+        """The best-scoring label (None when the index has none for this unit)."""
+        return self.labels[0] if self.labels else None
 
 
 def parse_unit(index: Index, text: str) -> UnitRef:
@@ -176,7 +183,9 @@ SELECT u.max, u.mean, u.density, u.fired, u.histogram_start, u.histogram, u.prom
        (SELECT list({'sample': e.sample, 'rank': e.rank, 'context': e.context, 'position': e.position, 'activation': e.activation,
                      'acts': e.acts, 'scale': e.acts_scale, 'tokens': c.tokens, 'document': d.name} ORDER BY e.sample, e.rank)
           FROM examples e JOIN contexts c ON c.context = e.context LEFT JOIN documents d ON d.document = e.document
-         WHERE e.unit_id = $id) AS examples
+         WHERE e.unit_id = $id) AS examples,
+       (SELECT list({'source': l.source, 'label': l.label, 'rule': l.rule, 'tokens': l.tokens, 'score': l.score} ORDER BY isnan(l.score), l.score DESC, l.source)
+          FROM labels l WHERE l.unit_id = $id) AS labels
 FROM units u WHERE u.unit_id = $id
 """
 
@@ -187,7 +196,7 @@ def unit_page(index: Index, unit: UnitRef | Component | str, *, dictionary: str 
     uid = _unit_id(index, ref)
     if uid is None:
         _check(index, ref)
-    mx, mean, density, fired, hist_start, hist, promoted, promoted_v, suppressed, suppressed_v, examples = index.con.execute(_PAGE, {"id": uid}).fetchone()
+    mx, mean, density, fired, hist_start, hist, promoted, promoted_v, suppressed, suppressed_v, examples, labels = index.con.execute(_PAGE, {"id": uid}).fetchone()
     vocab = _vocab(index)
     before, after = index.info.window
     bands = _meta(index, "band_edges") + [math.inf]
@@ -216,6 +225,7 @@ def unit_page(index: Index, unit: UnitRef | Component | str, *, dictionary: str 
         unit=ref.unit, dictionary=ref.dictionary, name=ref.name, max=float(mx), mean=float(mean), density=float(density), fired=int(fired),
         counted=index.info.tokens, top=tuple(top), samples=tuple(reversed(samples)), histogram=histogram, nonpositive=counts[0] if counts else 0,
         sampled=int(sum(counts)), promoted=effects(promoted, promoted_v), suppressed=effects(suppressed, suppressed_v),
+        labels=tuple(Label(row["label"], row["rule"], tuple(row["tokens"] or ()), float(row["score"]), row["source"]) for row in labels or ()),
     )
 
 

@@ -261,6 +261,21 @@ def merge(a: Running, b: Running) -> Running:
     return a
 
 
+_TENSORS = ("top_val", "top_gidx", "top_win", "total", "fired", "hist", "samp_key", "samp_val", "samp_win")
+
+
+def state_of(run: Running) -> dict:
+    """``run`` as plain CPU tensors and ints (a checkpoint, or what a Ray worker sends back)."""
+    return {"context_size": run.context_size, "before": run.before, "after": run.after, "counted": run.counted, "sampled": run.sampled,
+            **{name: getattr(run, name).cpu() for name in _TENSORS}}
+
+
+def from_state(state: dict, device: torch.device | str = "cpu") -> Running:
+    """The :class:`Running` :func:`state_of` gave."""
+    return Running(state["context_size"], state["before"], state["after"], counted=int(state["counted"]), sampled=int(state["sampled"]),
+                   **{name: state[name].to(device) for name in _TENSORS})
+
+
 @dataclass(frozen=True, eq=False)
 class Finished:
     """A group's final statistics, on the CPU, ready to store."""

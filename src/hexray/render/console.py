@@ -405,6 +405,9 @@ def render_unit_page(page, info, console: Console, *, examples: int = 10) -> Non
     """A unit's card: statistics, top examples shaded by activation, quantile samples, histogram, logit effects."""
     console.print(Text(f"{page.name}" + (f" ({page.dictionary})" if page.dictionary else ""), style="bold"))
     console.print(Text(f"index {info.path} · {info.model} · {info.tokens:,} tokens of {info.corpus}", style="dim"))
+    for label in page.labels[:3]:
+        score = "not measurable" if label.score != label.score else f"{label.score:.2f}"
+        console.print(Text("label      ") + Text(label.text, style="bold") + Text(f"  (score {score}, {label.source}: correlation with held-out activations)", style="dim"))
     console.print(f"max {page.max:.3f} · mean {page.mean:.4f} · fires on {100 * page.density:.2f}% of tokens ({page.fired:,} of {page.counted:,})")
     if page.promoted:
         console.print(Text("promotes   ") + Text("  ".join(f"{x.token!r} {x.value:+.2f}" for x in page.promoted[:8])))

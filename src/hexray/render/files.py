@@ -136,6 +136,41 @@ def write_files(folder: str | Path, files: dict[str, bytes]) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_page_path(path: str | Path, flag: str = "--html") -> Path:
+    """Fail early (before any model work) when ``path`` cannot be a page: empty, a folder, or in no folder there is."""
+    if not str(path).strip():
+        raise HexRayError(f"{flag} is empty", hint="name a file, e.g. unit.html")
+    out = Path(path).expanduser()
+    try:
+        if out.is_dir():
+            raise HexRayError(f"{flag} {path} is a folder", hint="name a file in it, e.g. unit.html")
+        if not out.parent.is_dir():
+            raise HexRayError(f"{flag} {path}: there is no folder {out.parent}", hint="create the folder first, or name a file in an existing one")
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise HexRayError(f"{flag} {str(path)[:80]}: {exc.strerror}", hint="choose a shorter file name") from None
+    return out
+
+
+def write_page(path: str | Path, html: str, flag: str = "--html") -> Path:
+    """``html`` written to ``path`` at once: a temporary file beside it, then moved into place, so no reader sees half a page."""
+    out = check_page_path(path, flag)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as exc:
+        raise HexRayError(f"cannot write {flag} {out}: {exc.strerror}", hint="choose a folder you can write to") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(html)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a page is read like any written file (the usual umask's mode)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise HexRayError(f"cannot write {flag} {out}: {exc.strerror}", hint="check the disk has room and the folder is writable") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return out
+
+
 def _with_page(figs: dict[str, bytes], document: dict, page) -> dict[str, bytes]:
     files = dict(figs)
     files["hexray.json"] = json.dumps(document, indent=2, allow_nan=False).encode()

@@ -221,3 +221,87 @@ def _cell(v) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k} {_cell(x)}" for k, x in v.items() if x is not None)
     return f"{v:+.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+# -- the neuroscope -----------------------------------------------------------------------------
+_UNIT_STYLE = """
+.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;word-break:break-word;text-align:left}
+.ctx span{border-radius:2px}.ctx .off{opacity:.55}.ctx .here{font-weight:bold;text-decoration:underline}
+.effects .tok{margin-left:.6em}.hist rect{fill:currentColor;opacity:.7}.hist text{font-size:10px;fill:currentColor}
+"""
+
+
+def _shade(act: float | None, scale: float) -> str:
+    """A token's background: the positive-sign colour at the activation's share of the unit's max (none at or below 0, or uncounted)."""
+    if act is None or scale <= 0 or act <= 0:
+        return ""
+    r, g, b = (int(POSITIVE[i : i + 2], 16) for i in (1, 3, 5))
+    return f"background:rgba({r},{g},{b},{0.65 * min(1.0, act / scale):.2f})"
+
+
+def _window(example: dict, scale: float) -> str:
+    """An example's window, each token shaded by the unit's activation (its own token bold and underlined; uncounted ones faded)."""
+    own = example["position"] - example["window_start"]
+    spans = []
+    for i, (token, act) in enumerate(zip(example["tokens"], example["acts"])):
+        cls = "here" if i == own else "off" if act is None else ""
+        attrs = (f' class="{cls}"' if cls else "") + (f' style="{_shade(act, scale)}"' if _shade(act, scale) else "")
+        spans.append(f'<span{attrs} title="{"not counted" if act is None else f"{act:.3f}"}">{escape(token.replace(chr(10), "⏎"))}</span>')
+    return "".join(spans)
+
+
+def _range(lower: float, upper: float | None) -> str:
+    return f"{lower:.3g} and up" if upper is None else f"{lower:.3g} to {upper:.3g}"  # the top bin's upper edge is infinite (null in the document)
+
+
+def _histogram_svg(bins: list[dict], width: int = 640, height: int = 120) -> str:
+    """The positive activations' histogram as inline SVG bars (one per stored bin, heights linear in count)."""
+    if not bins:
+        return "<p>No positive activations in the sample.</p>"
+    peak, bar, room = max(b["count"] for b in bins), min(width / len(bins), 40.0), height - 24  # a few bins stay bars, not one block
+    width = max(int(bar * len(bins)), 160)
+    rects = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - 14 - room * b["count"] / peak:.1f}" width="{max(bar - 1, 0.5):.1f}" height="{room * b["count"] / peak:.1f}">'
+        f'<title>{escape(_range(b["lower"], b["upper"]))}: {b["count"]:,}</title></rect>'
+        for i, b in enumerate(bins)
+    )
+    axis = f'<text x="0" y="{height - 2}">{bins[0]["lower"]:.3g}</text><text x="{width}" y="{height - 2}" text-anchor="end">{escape(_range(bins[-1]["lower"], bins[-1]["upper"]))}</text>'
+    return f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="histogram of positive activations">{rects}{axis}</svg>'
+
+
+def unit_page_html(doc: dict) -> str:
+    """A unit's neuroscope page (``hexray neuron|head|feature --html``) from its document (:func:`~hexray.render.jsondoc.unit_page_doc`): what the lab's card shows."""
+    scale, info, unit = doc["max"] or 0.0, doc["index"], doc["unit"]
+    of = f" of {escape(unit['dictionary'])}" if unit.get("dictionary") else ""
+    parts = [f"<p>{escape(unit['kind'])}{of} &middot; index {escape(info['path'])} &middot; {escape(info['model'])} &middot; {info['tokens']:,} tokens of {escape(info['corpus'])}</p>"]
+    label = doc.get("label")  # an automatic label, when the index has one
+    if label:
+        source = f", {escape(label['source'])}" if label.get("source") else ""
+        score = "not measurable" if label.get("score") is None else f"{label['score']:.2f}"  # None: the unit or its rule never varied on held-out text
+        parts.append(f'<p><b>Label</b> {escape(label["text"])} <span class="legend">(score {score}{source})</span></p>')
+    parts.append(
+        f"<table><tr><th>max</th><th>mean</th><th>fires on</th><th>fired / counted</th></tr><tr><td>{doc['max']:.4f}</td><td>{doc['mean']:.4f}</td>"
+        f"<td>{100 * doc['density']:.2f}%</td><td>{doc['fired']:,} / {doc['counted']:,}</td></tr></table>"
+    )
+    if doc["promoted"] or doc["suppressed"]:
+        def effects(xs, cls):
+            return " ".join(f'{_tok(x["token"])} <span class="{cls}">{x["value"]:+.3f}</span>' for x in xs)
+
+        parts.append(f'<h2>Logit effects (per unit of activation)</h2><p class="effects"><b>Promotes</b> {effects(doc["promoted"], "pos")}</p>'
+                     f'<p class="effects"><b>Suppresses</b> {effects(doc["suppressed"], "neg")}</p>')
+    rows = "".join(
+        f'<tr><td>{i}</td><td>{e["activation"]:.3f}</td><td class="ctx">{_window(e, scale)}</td><td>{escape(e.get("document") or "")}</td></tr>'
+        for i, e in enumerate(doc["top"], 1)
+    )
+    parts.append(f'<h2>Top {len(doc["top"])} examples</h2><p class="legend">each token shaded by the unit\'s activation (its share of the max); the example\'s own token underlined</p>'
+                 f"<table><tr><th>#</th><th>act</th><th>context</th><th>document</th></tr>{rows}</table>")
+    if doc["samples"]:
+        rows = "".join(
+            f'<tr><td>{escape(_range(*e["band"])) if e.get("band") else ""}</td><td>{e["activation"]:.3f}</td><td class="ctx">{_window(e, scale)}</td></tr>'
+            for e in doc["samples"]
+        )
+        parts.append(f"<h2>Samples across the activation range</h2><table><tr><th>band</th><th>act</th><th>context</th></tr>{rows}</table>")
+    parts.append(f"<h2>Histogram of positive activations</h2>{_histogram_svg(doc['histogram'])}"
+                 f'<p class="legend">{doc["sampled"]:,} sampled positions, {doc["nonpositive"]:,} at or below 0</p>')
+    body = "\n".join([f"<h1>{escape(doc['name'])}</h1>", *parts])
+    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HexRay &mdash; {escape(doc["name"])}</title><style>{_STYLE}{_UNIT_STYLE}</style></head><body>{body}</body></html>'

@@ -432,6 +432,7 @@ def example_doc(e) -> dict:
 def unit_page_doc(page, info) -> dict:
     """``hexray neuron|head|feature --json``: a unit's page (:class:`hexray.neuroscope.pages.UnitPage`)."""
     effect = lambda x: {"token": x.token, "id": x.token_id, "value": _num(x.value)}  # noqa: E731
+    label = lambda x: {"text": x.text, "rule": x.rule, "tokens": list(x.tokens), "score": _num(x.score), "source": x.source}  # noqa: E731
     return {
         "unit": {**component_doc_of(page.unit), "dictionary": page.dictionary or None}, "name": page.name,
         "index": {"path": str(info.path), "model": info.model, "corpus": info.corpus, "tokens": info.tokens},
@@ -440,6 +441,7 @@ def unit_page_doc(page, info) -> dict:
         "histogram": [{"lower": _num(b.lower), "upper": _num(b.upper), "count": b.count} for b in page.histogram],
         "nonpositive": page.nonpositive, "sampled": page.sampled,
         "promoted": [effect(x) for x in page.promoted], "suppressed": [effect(x) for x in page.suppressed],
+        "label": label(page.label) if page.label else None, "labels": [label(x) for x in page.labels],
     }
 
 

@@ -19,10 +19,11 @@ import os
 import secrets
 import threading
 from collections.abc import Callable
-from importlib import resources
 from html import escape
+from importlib import resources
+from typing import Annotated
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -327,7 +328,7 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         json_body = "json" in request.headers.get("content-type", "").lower()
-        hint = None if json_body else "send the body as JSON with Content-Type: application/json"
+        hint = None if json_body or request.method == "GET" else "send the body as JSON with Content-Type: application/json"  # a GET's fields are its query
         return JSONResponse({"ok": False, "error": _first_error(exc), "hint": hint, "status": 422}, status_code=422)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
@@ -415,23 +416,55 @@ def create_app(model: LoadedModel, *, time_limit: float = 300.0, max_tokens: int
     served_index: dict = {"index": None, "version": None}
     index_lock = threading.Lock()  # one DuckDB connection, read by one request at a time
 
-    @app.get("/api/units/{name}")
-    def unit(name: str) -> dict:
-        """A neuron's, head's or feature's neuroscope page (what ``hexray neuron --json`` prints) from the served model's index."""
-        from hexray.neuroscope import default_index_path, open_index, unit_page
+    def with_index(read: Callable) -> dict:
+        """``read(index)`` on the served model's default index, under the lock; reopened when a build moved a new file into place.
 
-        if len(name) > 200:
-            raise HexRayError("the unit name is over 200 characters", hint="name a unit: L10N1234, L9H6, resid.12:123")
+        No index answers 404 (``open_index``'s error). A build writes beside the file and moves it
+        in at the end, so until then the open connection keeps reading the previous index.
+        """
+        from hexray.neuroscope import default_index_path, open_index
+
         path = default_index_path(model.spec)
         with index_lock:
-            version = path.stat().st_mtime_ns if path.exists() else None
+            version = _file_version(path)
             if served_index["index"] is not None and served_index["version"] != version:  # rebuilt (or removed): read the new file
                 served_index["index"].close()
                 served_index["index"] = None
             if served_index["index"] is None:
                 served_index["index"], served_index["version"] = open_index(path, model.spec), version
-            index = served_index["index"]
-            return jsondoc.unit_page_doc(unit_page(index, name), index.info)
+            return read(served_index["index"])
+
+    @app.get("/api/units/{name}")
+    def unit(name: str) -> dict:
+        """A neuron's, head's or feature's neuroscope page (what ``hexray neuron --json`` prints) from the served model's index."""
+        from hexray.neuroscope import unit_page
+
+        if len(name) > 200:
+            raise HexRayError("the unit name is over 200 characters", hint="name a unit: L10N1234, L9H6, resid.12:123")
+        return with_index(lambda index: jsondoc.unit_page_doc(unit_page(index, name), index.info))
+
+    @app.get("/api/units")
+    async def unit_search(query: Annotated[schemas.UnitSearchRequest, Query()]) -> dict:
+        """Reverse look-ups (what ``hexray index search --json`` prints): ``?prompt=P&position=N`` the units firing most at
+        that token relative to their own max (one forward pass, queued with the model's other jobs); ``?token=T`` the
+        units whose top examples centre on that token."""
+        from hexray.neuroscope import search_position, search_token
+
+        if (query.prompt is None) == (query.token is None):
+            raise HexRayError("give prompt (with position) or token, one of them", hint="GET /api/units?prompt=...&position=-1, or /api/units?token=%20Paris")
+        if query.token is not None:
+            def by_token(index) -> dict:
+                hits = search_token(index, model.single_token(query.token, role="token"), limit=query.limit)
+                return jsondoc.unit_hits_doc(hits, search={"token": query.token})
+
+            return await asyncio.to_thread(with_index, by_token)
+
+        def at_position(index) -> dict:
+            found = search_position(index, model, query.prompt, query.position, limit=query.limit)
+            token = found.tokens[found.position]
+            return jsondoc.unit_hits_doc(found.hits, search={"prompt": query.prompt, "position": found.position, "token": token})
+
+        return await on_model(query, lambda job: with_index(at_position))  # a forward pass: the model's turn, then the index's lock
 
     @app.get("/api/presets")
     async def presets() -> dict:
@@ -483,10 +516,20 @@ def _jobs(model: LoadedModel) -> dict[str, tuple[type[BaseModel], Callable[[Base
     }
 
 
-_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET"), ("/api/dictionaries", "GET"), ("/api/cli", "POST")] + [
+_ENDPOINTS = [("/api/health", "GET"), ("/api/analyses", "GET"), ("/api/options", "GET"), ("/api/presets", "GET"), ("/api/dictionaries", "GET"),
+              ("/api/units/{name}", "GET"), ("/api/units?prompt=P&position=N | ?token=T", "GET"), ("/api/cli", "POST")] + [
     (path, method) for name in ("analyze", "attention", "flow", "circuit", "patch", "ablate", "analyze/set", "patch/set", "ablate/set", "heads", "generate")
     for path, method in ((f"/api/{name}", "POST"), (f"/ws/{name}", "WEBSOCKET"))
 ]
+
+
+def _file_version(path) -> tuple[int, int] | None:
+    """What changes when a build moves a new file into ``path`` (its inode and modification time); None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:  # missing (or unreadable): open_index says which
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 async def _hung_up(request: Request) -> None:

@@ -65,6 +65,15 @@ class CliRequest(_Request):
     stderr: Terminal = Field(default_factory=Terminal)
 
 
+class UnitSearchRequest(_Request):
+    """``GET /api/units``: the neuroscope's reverse look-ups (``hexray index search``): a prompt's token, or a vocabulary token."""
+
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="Look up the units firing most at one of this prompt's tokens.")
+    position: int = Field(-1, description="That token: its position among the tokens the model sees (BOS first when the index's contexts start with it); negative counts from the end.")
+    token: str | None = Field(None, min_length=1, max_length=200, description="Instead: units whose top examples centre on this vocabulary token (e.g. ' Paris').")
+    limit: int = Field(20, ge=1, le=200, description="Units returned.")
+
+
 def _prompt(required: bool = True):
     return (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)) if required else (str | None, Field(None, min_length=1, max_length=MAX_PROMPT_CHARS))
 

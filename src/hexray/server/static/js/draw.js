@@ -241,22 +241,28 @@ export function canvasFigure(panel, canvas, title) {
   return out;
 }
 
-// A table from rows of cells (strings or numbers), written as text.
-export function fillTable(table, header, rows) {
+// A table from rows of cells (strings or numbers), written as text; with `unitOf`, a cell it names a unit for opens that unit's card.
+export function fillTable(table, header, rows, unitOf = null) {
   table.replaceChildren();
   const head = table.insertRow();
   for (const c of header) { const th = document.createElement("th"); th.textContent = c; head.append(th); }
   for (const row of rows) {
     const tr = table.insertRow();
-    for (const v of row) tr.insertCell().textContent = typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(3)) : (v ?? "—");
+    for (const v of row) {
+      const cell = tr.insertCell();
+      cell.textContent = typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(3)) : (v ?? "—");
+      const unit = unitOf && typeof v === "string" ? unitOf(v) : null;
+      if (unit) cell.dataset.unit = unit;
+    }
   }
 }
 
-export function listItems(list, items) {  // items: [{text, score}] -> coloured by sign
-  list.replaceChildren(...items.map(({ text, score }) => {
+export function listItems(list, items) {  // items: [{text, score, unit?}] -> coloured by sign; a unit's row opens its neuroscope card
+  list.replaceChildren(...items.map(({ text, score, unit }) => {
     const li = document.createElement("li");
     li.className = score >= 0 ? "pos" : "neg";
     li.textContent = text;
+    if (unit) li.dataset.unit = unit;
     return li;
   }));
 }

@@ -5,6 +5,7 @@ import { Channel, Stopped, Superseded, getJSON, log } from "./api.js";
 import { $ } from "./draw.js";
 import { PANELS } from "./panels/index.js";
 import { docs, readURL, set, state, subscribe } from "./store.js";
+import { initUnits } from "./units.js";
 
 const lab = {
   docs, state, analyses: 0, layerMessages: 0, timeline: [], requests: log, presets: [], info: null,
@@ -200,6 +201,7 @@ async function init() {
   readURL();
   const context = { lab, analyse, channel, job, status, showError, renderAll };
   for (const p of PANELS) p.init?.(context);
+  initUnits(context);  // the neuroscope's drawer: any data-unit label opens its card
   subscribe((changed) => { if (changed.includes("theme")) applyTheme(); });
   $("theme").addEventListener("click", () => set({ theme: state.theme === "dark" ? "light" : "dark" }));
   applyTheme();

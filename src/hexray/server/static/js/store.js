@@ -9,7 +9,7 @@ const FIELDS = {  // URL key -> state key, with its default
   abl: ["components", ""], mode: ["mode", "zero"], gen_n: ["max_new", ""], watch: ["watch", ""], chat: ["chat", false],
   pos: ["pos", null], head: ["head", null], theme: ["theme", "dark"], view: ["view", ""], ran: ["ran", []],
   preset: ["preset", ""], flow_layer: ["flow_layer", ""], ck: ["circuit_k", "5"], cd: ["circuit_depth", "2"], an: ["analyses", []],
-  dict: ["dict", ""], tl: ["tuned", false],
+  dict: ["dict", ""], tl: ["tuned", false], unit: ["unit", ""],
 };
 
 export const state = Object.fromEntries(Object.values(FIELDS).map(([key, value]) => [key, value]));

@@ -1,6 +1,7 @@
 // Ablation: the next-token distribution before and after removing components.
 import { $, canvasFigure, clip, drawPairedBars, emptyCanvas, showTok } from "../draw.js";
 import { bind, ran, set, state, subscribe } from "../store.js";
+import { unitLabel } from "../units.js";
 
 export default {
   id: "ablate",
@@ -59,7 +60,8 @@ export default {
     drawPairedBars(canvas, [...rows.values()]);
     const t0 = doc.before.target, t1 = doc.after.target;
     const diff = doc.before.logit_diff !== null ? ` · logit diff ${doc.before.logit_diff.toFixed(3)} → ${doc.after.logit_diff.toFixed(3)}` : "";
-    $("ablate-summary").textContent = `${doc.mode}-ablated ${doc.components.map((c) => c.name + (c.position === null ? "" : `@${c.position}`)).join(", ")}: ${showTok(t0.token)} p ${t0.prob.toFixed(3)} → ${t1.prob.toFixed(3)}, logit ${t0.logit.toFixed(2)} → ${t1.logit.toFixed(2)}${diff} · KL ${doc.kl.toFixed(4)}`;
+    const names = doc.components.flatMap((c, i) => [...(i ? [", "] : []), unitLabel(c.name + (c.position === null ? "" : `@${c.position}`), c.name)]);
+    $("ablate-summary").replaceChildren(`${doc.mode}-ablated `, ...names, `: ${showTok(t0.token)} p ${t0.prob.toFixed(3)} → ${t1.prob.toFixed(3)}, logit ${t0.logit.toFixed(2)} → ${t1.logit.toFixed(2)}${diff} · KL ${doc.kl.toFixed(4)}`);
   },
 
   figure(panel) { return this.doc && canvasFigure(panel, $("ablate-chart"), `${this.title} — ${clip(this.doc.prompt || "", 90)}`); },

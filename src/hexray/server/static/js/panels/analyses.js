@@ -2,6 +2,7 @@
 // and its table (the registry's View) is drawn here.
 import { $, fillTable } from "../draw.js";
 import { set, state } from "../store.js";
+import { unitName } from "../units.js";
 
 export default {
   id: "analyses",
@@ -57,7 +58,7 @@ export default {
       const table = document.createElement("table");
       table.className = "roles";
       table.dataset.analysis = name;
-      fillTable(table, view.columns, view.rows);
+      fillTable(table, view.columns, view.rows, unitName);  // a head or neuron named in a cell opens its card
       out.append(h, table);
       if (view.note) { const p = document.createElement("p"); p.className = "dim"; p.textContent = view.note; out.append(p); }
     }

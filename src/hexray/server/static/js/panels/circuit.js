@@ -5,6 +5,7 @@
 // behind one another (the note on issue 13 argues it).
 import { $, LEGEND, canvasFigure, clip, css, diverging, emptyCanvas, fmt, hover, maxAbs, rowNames, sizeCanvas } from "../draw.js";
 import { ran, set, state } from "../store.js";
+import { openUnit, unitLabel } from "../units.js";
 
 const CW = 30, CH = 18, LEFT = 40, TOP = 22, GAP = 8;
 
@@ -36,7 +37,7 @@ export default {
     }
     $("circuit-run").addEventListener("click", () => this.run());
     $("circuit-stop").addEventListener("click", () => channel("circuit").stop());
-    hover($("circuit-map"), (h) => this.describe(h));
+    hover($("circuit-map"), (h) => this.describe(h), (h) => { if (this.grid && h.c < this.grid.H) openUnit(`L${h.r}H${h.c}`); });  // a head: its neuroscope card
   },
 
   restore() { return this.run(); },
@@ -118,7 +119,7 @@ export default {
     $("circuit-edges").replaceChildren(...edges.map((e) => {
       const li = document.createElement("li");
       li.className = e.score >= 0 ? "pos" : "neg";
-      li.textContent = `${e.source} → ${e.destination ?? "logit"}  ${fmt(e.score)}`;
+      li.append(unitLabel(e.source), " → ", unitLabel(e.destination ?? "logit"), `  ${fmt(e.score)}`);
       return li;
     }));
   },
@@ -134,6 +135,7 @@ export default {
       if (e.destination === name) lines.push(`  ← ${e.source} ${fmt(e.score)}`);
       if (e.source === name) lines.push(`  → ${e.destination ?? "logit"} ${fmt(e.score)}`);
     }
+    if (c < H) lines.push("click: its neuroscope card");
     return lines.join("\n");
   },
 

@@ -1,6 +1,7 @@
 // Direct logit attribution: layers × heads (+ MLP), filled layer by layer as the stream arrives.
 import { $, LEGEND, canvasFigure, diverging, drawGrid, emptyCanvas, fmt, hover, listItems, maxAbs, rowNames } from "../draw.js";
 import { set, state, subscribe } from "../store.js";
+import { unitName } from "../units.js";
 
 export function headGrid(doc) {
   // rows = layers; columns = heads (or one attention column when the granularity has none), then MLP
@@ -19,7 +20,7 @@ export function parseHead(name) {
 export default {
   id: "dla",
   title: "Direct logit attribution",
-  subtitle: "layers × heads + MLP · click a head · shift-click: add to ablation",
+  subtitle: "layers × heads + MLP · click a head · shift-click: add to ablation · click a row: its neuroscope card",
   readsAnalysis: true,
   body: `<div id="sumcheck" class="sumcheck"></div><div class="legend dim"></div>
   <div class="scroll"><canvas id="dla-map" class="figure"></canvas></div><ol id="dla-top" class="toplist"></ol>`,
@@ -71,7 +72,7 @@ export default {
     ok.className = "ok";
     ok.textContent = err < 1e-3 ? "✓ " : "✗ ";
     s.append(ok, `the ${analysis.components.length} parts (heads, MLPs, embeddings, biases) add up to ${analysis.value.toFixed(4)} = the ${analysis.contrast ? "logit difference" : "logit"}; error ${err.toExponential(1)} · scale ±${scale.toFixed(2)}`);
-    listItems($("dla-top"), analysis.components.slice(0, 12).map((c) => ({ text: `${c.name.padEnd(9)} ${fmt(c.score)}`, score: c.score })));
+    listItems($("dla-top"), analysis.components.slice(0, 12).map((c) => ({ text: `${c.name.padEnd(9)} ${fmt(c.score)}`, score: c.score, unit: unitName(c.name) })));
   },
 
   describe({ r, c }) {

@@ -2,11 +2,12 @@
 // what was made so far.
 import { $, css, fmt, mix, showTok, textFigure, wrap } from "../draw.js";
 import { ran, set, state } from "../store.js";
+import { unitLabel } from "../units.js";
 
 export default {
   id: "gen",
   title: "Generation",
-  subtitle: "live: each token with the components (and, with a dictionary, the features) that wrote it",
+  subtitle: "live: each token with the components (and, with a dictionary, the features) that wrote it · click a head, neuron or feature: its card",
   wide: true,
   body: `<div class="row">
     <label for="max-new">tokens</label><input id="max-new" type="number" min="1" max="256" value="32" class="num">
@@ -76,8 +77,14 @@ export default {
     for (const el of $("gen-text").querySelectorAll(".gtok.sel")) el.classList.remove("sel");
     const el = $("gen-text").querySelector(`.gtok[data-index="${index}"]`);
     if (el) el.classList.add("sel");
-    const watch = Object.entries(m.watch).map(([k, v]) => `${k} ${fmt(v)}`).join("  ");
-    $("gen-detail").textContent = `#${m.index} ${showTok(m.token)}  p=${m.prob.toFixed(3)}  top: ${m.top.map((c) => `${c.name} ${fmt(c.score, 2)}`).join("  ")}${watch ? `\nwatched: ${watch}` : ""}${m.crossed.length ? `  crossed: ${m.crossed.join(", ")}` : ""}${(m.features || []).length ? `\nfeatures: ${m.features.map((f) => `${f.label} ${fmt(f.activation, 2)} (${fmt(f.attribution, 2)})`).join("  ")}` : ""}`;
+    // the same text as before, with each head, neuron and feature a label that opens its neuroscope card
+    const labels = (items, name, value, sep = "  ") => items.flatMap((x, i) => [...(i ? [sep] : []), unitLabel(name(x)), value(x)]);
+    const parts = [`#${m.index} ${showTok(m.token)}  p=${m.prob.toFixed(3)}  top: `, ...labels(m.top, (c) => c.name, (c) => ` ${fmt(c.score, 2)}`)];
+    const watched = Object.entries(m.watch);
+    if (watched.length) parts.push("\nwatched: ", ...labels(watched, ([k]) => k, ([, v]) => ` ${fmt(v)}`));
+    if (m.crossed.length) parts.push("  crossed: ", ...labels(m.crossed, (k) => k, () => "", ", "));
+    if ((m.features || []).length) parts.push("\nfeatures: ", ...labels(m.features, (f) => f.label, (f) => ` ${fmt(f.activation, 2)} (${fmt(f.attribution, 2)})`));
+    $("gen-detail").replaceChildren(...parts);
   },
 
   figure() { return this.tokens.length && textFigure([...wrap($("gen-text").textContent, 160), ...$("gen-detail").textContent.split("\n")]); },

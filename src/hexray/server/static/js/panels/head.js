@@ -3,6 +3,7 @@
 import { $, canvasFigure, clip, drawGrid, emptyCanvas, fillTable, fmt, hover, sequential, showTok } from "../draw.js";
 import { state, subscribe } from "../store.js";
 import { parseHead } from "./dla.js";
+import { unitLabel } from "../units.js";
 
 export default {
   id: "head",
@@ -42,7 +43,7 @@ export default {
   render() {
     const canvas = $("attn-map"), doc = this.doc, a = this.lab.analysis;
     if (!doc || (a && a.prompt !== doc.prompt)) { emptyCanvas(canvas, "click a head in the attribution map"); return; }
-    $("head-name").textContent = `${doc.name} · rows: query position, columns: key position`;
+    $("head-name").replaceChildren(unitLabel(doc.name), " · rows: query position, columns: key position");
     const dla = a && a.head_scores ? a.head_scores[doc.layer][doc.head] : null;
     const q = a ? a.position : doc.tokens.length - 1;
     const row = doc.pattern[q] || [];

@@ -1,6 +1,7 @@
 // Activation patching clean → corrupt: progress while the sweep runs, ■ stop, then the map.
 import { $, LEGEND, canvasFigure, clip, diverging, drawGrid, emptyCanvas, fmt, hover, listItems, maxAbs, rowNames, showTok } from "../draw.js";
 import { bind, ran, set, state, subscribe } from "../store.js";
+import { openUnit, unitName } from "../units.js";
 
 const FORM = { clean: "clean", corrupt: "corrupt", sweep: "sweep", method: "method" };
 
@@ -60,7 +61,10 @@ export default {
     $("patch-run").addEventListener("click", () => this.run());
     $("patch-stop").addEventListener("click", () => channel("patch").stop());
     $("patch-view").addEventListener("change", () => { set({ view: $("patch-view").value }); this.render(); });
-    hover($("patch-map"), (h) => this.describe(h));
+    hover($("patch-map"), (h) => this.describe(h), (h) => {  // a head's (or feature's) cell: its neuroscope card
+      const unit = unitName(this.cells && this.cells[h.r][h.c] && this.cells[h.r][h.c].name);
+      if (unit) openUnit(unit);
+    });
   },
 
   restore() { if (state.clean && state.corrupt) return this.run(); },
@@ -106,14 +110,14 @@ export default {
     const corr = doc.correlation ? ` · attribution vs exact r=${(doc.correlation.all ?? NaN).toFixed(3)}` : "";
     $("patch-summary").textContent = `${doc.metric} of ${showTok(doc.target.token)}${doc.contrast ? ` vs ${showTok(doc.contrast.token)}` : ""}: clean ${doc.clean_value.toFixed(3)}, corrupt ${doc.corrupt_value.toFixed(3)} · ${doc.method}${corr}`;
     const top = [...g.sites].sort((a, b) => Math.abs(b.score) - Math.abs(a.score)).slice(0, 10);
-    listItems($("patch-top"), top.map((p) => ({ text: `${(p.name + (p.position === null || p.position === undefined ? "" : `@${p.position}`)).padEnd(12)} ${fmt(p.score)}`, score: p.score })));
+    listItems($("patch-top"), top.map((p) => ({ text: `${(p.name + (p.position === null || p.position === undefined ? "" : `@${p.position}`)).padEnd(12)} ${fmt(p.score)}`, score: p.score, unit: unitName(p.name) })));
   },
 
   describe({ r, c }) {
     const p = this.cells && this.cells[r][c];
     if (!p) return "";
     const where = p.position === null || p.position === undefined ? "all positions" : `position ${p.position} ${showTok(this.doc.clean_tokens[p.position])}`;
-    return `${p.name} at ${where}: ${fmt(p.score)}${p.attribution !== undefined ? `\nattribution estimate ${fmt(p.attribution)}` : ""}`;
+    return `${p.name} at ${where}: ${fmt(p.score)}${p.attribution !== undefined ? `\nattribution estimate ${fmt(p.attribution)}` : ""}${unitName(p.name) ? "\nclick: its neuroscope card" : ""}`;
   },
 
   figure(panel) { return this.doc && canvasFigure(panel, $("patch-map"), `${this.title} — ${clip(this.doc.clean_prompt, 90)}`); },

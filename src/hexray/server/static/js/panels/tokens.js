@@ -1,14 +1,16 @@
-// The token strip: hover for the next-token distribution, click to explain that position.
+// The token strip: hover for the next-token distribution, click to explain that position,
+// right-click (or "units firing here") for the neuroscope units that fire most at a token.
 import { $, showTok, textFigure, tip, wrap } from "../draw.js";
 import { set } from "../store.js";
+import { unitLabel, unitsAtToken } from "../units.js";
 
 export default {
   id: "tokens",
   title: "Tokens",
-  subtitle: "hover: next-token top-k and features · click: explain that position",
+  subtitle: "hover: next-token top-k and features · click: explain that position · right-click: the units firing there",
   wide: true,
   readsAnalysis: true,
-  body: `<div id="tokens" class="tokens"></div><div id="explained" class="explained"></div>`,
+  body: `<div id="tokens" class="tokens"></div><div id="explained" class="explained"></div><div id="token-features" class="explained"></div>`,
 
   init({ lab, analyse }) { this.lab = lab; this.analyse = analyse; },
 
@@ -32,6 +34,7 @@ export default {
       });
       span.addEventListener("mouseleave", (e) => tip(e, ""));
       span.addEventListener("click", () => { set({ pos: i }); this.analyse(); });
+      span.addEventListener("contextmenu", (e) => { e.preventDefault(); tip(e, ""); unitsAtToken(analysis.prompt, analysis.tokens, i); });
       box.append(span);
     });
     const ex = $("explained");
@@ -53,6 +56,18 @@ export default {
       }
       ex.append(c);
     }
+    const here = document.createElement("button");
+    here.type = "button";
+    here.id = "units-here";
+    here.textContent = "units firing here ▸";
+    here.title = `the neuroscope units firing most at ${showTok(analysis.tokens[analysis.position])}, relative to their max (needs an index: hexray index build)`;
+    here.addEventListener("click", () => unitsAtToken(analysis.prompt, analysis.tokens, analysis.position));
+    ex.append(here);
+    const features = $("token-features");  // the explained token's features, each opening its card
+    features.replaceChildren(...(analysis.features || []).flatMap((d) => {
+      const row = d.tokens[analysis.position];
+      return row && row.features.length ? [`${d.dictionary} at ${analysis.position}:`, ...row.features.flatMap((f) => [" ", unitLabel(f.label), ` ${f.activation.toFixed(2)}`])] : [];
+    }));
   },
 
   figure() {
