@@ -82,7 +82,7 @@ def stream_on_ray(model: LoadedModel, pack: TokenPack, groups: Sequence[UnitGrou
     recipe = {"name": model_name or model.checkpoint, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
     start = time.perf_counter()
     ds = ray.data.from_items([{"lo": lo, "hi": hi} for lo, hi in parts], override_num_blocks=len(parts)).map_batches(
-        _Worker, batch_size=1, concurrency=min(workers, len(parts)), num_cpus=cpus,
+        _Worker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))), num_cpus=cpus,
         fn_constructor_kwargs={"model": recipe, "pack": pack, "groups": tuple(groups), "top_k": top_k, "window": window, "rows": rows,
                                "first_context": first_context, "threads": cpus},
     )
